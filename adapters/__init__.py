@@ -1,0 +1,1 @@
+"""Projection adapters between token spaces."""

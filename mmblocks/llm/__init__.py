@@ -1,0 +1,40 @@
+"""LLM blocks: transformer layers of pretrained language models as reusable encoder layers."""
+
+from .attention import ATTENTION_MODES
+from .blocks import FINAL_NORMS, ROPE_MODES, LLMBlocks
+from .families import FAMILIES, FamilySpec, UnknownFamilyError, get_family, list_families
+from .load import load_blocks, resolve_layers
+from .norms import UnitRMSNorm
+from .sources import (
+    MissingDependencyError,
+    SourceError,
+    cache_dir,
+    list_offline_models,
+    resolve_source,
+)
+from .tuning import TUNE_KWARGS, TUNE_MODES, GatedLayer, InterpolatedLayer, lora_target_modules
+
+__all__ = [
+    "ATTENTION_MODES",
+    "FAMILIES",
+    "FINAL_NORMS",
+    "ROPE_MODES",
+    "TUNE_KWARGS",
+    "TUNE_MODES",
+    "FamilySpec",
+    "GatedLayer",
+    "InterpolatedLayer",
+    "LLMBlocks",
+    "MissingDependencyError",
+    "SourceError",
+    "UnitRMSNorm",
+    "UnknownFamilyError",
+    "cache_dir",
+    "get_family",
+    "list_families",
+    "list_offline_models",
+    "load_blocks",
+    "lora_target_modules",
+    "resolve_layers",
+    "resolve_source",
+]

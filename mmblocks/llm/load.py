@@ -1,0 +1,278 @@
+"""`load_blocks`: build `LLMBlocks` from any source, reading only the tensors of the requested layers."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoModel, PretrainedConfig
+
+from .attention import ATTENTION_MODES
+from .blocks import FINAL_NORMS, ROPE_MODES, LLMBlocks
+from .families import FamilySpec, get_family
+from .norms import UnitRMSNorm, is_norm_module
+from .sources import ResolvedSource, TensorReader, resolve_source
+from .tuning import TUNE_MODES, apply_tuning
+
+__all__ = ["load_blocks", "resolve_layers"]
+
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def resolve_layers(layers: int | Iterable[int] | range, num_hidden_layers: int) -> list[int]:
+    """Normalise `layers` (an int, indices with negatives allowed, or a range) to non-negative indices."""
+    if isinstance(layers, int):
+        layers = [layers]
+    items = list(layers)
+    if not items:
+        raise ValueError("layers is empty: give at least one layer index, e.g. layers=[-1]")
+    out = []
+    for i in items:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"layer indices must be ints, got {i!r}")
+        j = i + num_hidden_layers if i < 0 else i
+        if not 0 <= j < num_hidden_layers:
+            raise IndexError(
+                f"layer index {i} is out of range for a model with {num_hidden_layers} layers "
+                f"(valid: {-num_hidden_layers}..{num_hidden_layers - 1})"
+            )
+        out.append(j)
+    if len(set(out)) != len(out):
+        raise ValueError(f"layers {items} name the same layer twice; each layer can be loaded once")
+    return out
+
+
+def _text_config(config: PretrainedConfig) -> PretrainedConfig:
+    """Multimodal checkpoints (e.g. Gemma 3) keep the language model's config in `text_config`."""
+    from .families import FAMILIES
+
+    if config.model_type not in FAMILIES and getattr(config, "text_config", None) is not None:
+        return config.text_config
+    return config
+
+
+def _layer_types(config: PretrainedConfig, spec: FamilySpec, indices: Sequence[int]) -> list[str]:
+    declared = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    out = []
+    for i in indices:
+        if declared:
+            t = declared[i]
+        elif spec.sliding_all and window:
+            t = "sliding_attention"
+        else:
+            t = "full_attention"
+        if t not in _LAYER_TYPES:
+            raise ValueError(f"layer {i} of {spec.model_type} has attention type {t!r}; LLMBlocks runs {_LAYER_TYPES}")
+        if t == "sliding_attention" and not window:
+            t = "full_attention"
+        out.append(t)
+    return out
+
+
+def _find_prefix(keys: Sequence[str], spec: FamilySpec, index: int) -> str:
+    """The checkpoint's key prefix before the base-model path (``model.``, ``transformer.``, ``bert.`` ...)."""
+    needle = f"{spec.layers}.{index}."
+    for k in keys:
+        pos = k.find(needle)
+        if pos >= 0 and (pos == 0 or k[pos - 1] == "."):
+            return k[:pos]
+    raise KeyError(
+        f"the checkpoint has no tensors for layer {index} (looked for keys containing {needle!r}); "
+        f"is it a {spec.model_type} checkpoint?"
+    )
+
+
+def _load_module(module: nn.Module, reader: TensorReader, prefix: str, what: str) -> None:
+    expected = module.state_dict().keys()
+    keys = {k for k in reader.keys() if k.startswith(prefix)}
+    names = {prefix + k for k in expected}
+    missing = sorted(names - keys)
+    if missing:
+        raise KeyError(f"checkpoint is missing {len(missing)} tensor(s) of {what}, e.g. {missing[:3]}")
+    tensors = reader.read(sorted(names))
+    state = {k[len(prefix) :]: v for k, v in tensors.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def _materialize_random(module: nn.Module, base: nn.Module, generator_seed: int | None) -> None:
+    """Give meta parameters real storage and the family's own init (the random-init control)."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.is_meta:
+                sub._parameters[name] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+    ctx = torch.random.fork_rng(devices=[]) if generator_seed is not None else _nullcontext()
+    with ctx:
+        if generator_seed is not None:
+            torch.manual_seed(generator_seed)
+        for sub in module.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+            elif is_norm_module(sub):
+                with torch.no_grad():
+                    for p in sub.parameters(recurse=False):
+                        p.fill_(0.0 if "Gemma" in type(sub).__name__ else 1.0)
+            type(base)._init_weights(base, sub)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def load_blocks(
+    source: str | os.PathLike,
+    layers: int | Iterable[int] | range,
+    *,
+    attention: str = "bidirectional",
+    rope: str = "none",
+    final_norm: str = "rms_unit",
+    tune: str = "frozen",
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    seed: int | None = None,
+    **tune_kwargs: Any,
+) -> LLMBlocks:
+    """Load transformer layers of a pretrained LLM as an `LLMBlocks` module.
+
+    Args:
+        source: a local HF model folder, a ``.gguf`` file, a registered offline name (``smollm2-135m``),
+            a repo name in the local HF cache, or ``random:<family>`` (see `mmblocks.llm.sources`).
+        layers: indices (negative allowed) or a range; applied in the given order.
+        attention: ``bidirectional`` (the center paper) or ``causal``.
+        rope: ``none`` (identity rotation, the center paper) or ``native`` (the model's rotary over token
+            order 0..N-1). Families with absolute positions outside the layers (OPT, GPT-2, BERT) ignore it.
+        final_norm: ``none``, ``rms_unit`` (parameter-free RMS norm, the center paper) or ``llm``.
+        tune: ``frozen``, ``norm``, ``lora``, ``full``, ``random``, ``gated``, ``expand`` or ``interpolate``;
+            options in ``tune_kwargs`` (see `mmblocks.llm.tuning.TUNE_KWARGS`).
+        dtype: cast the layers to this dtype (default: as stored).
+        attn_implementation: ``sdpa`` (default), ``eager``, ``flash_attention_2``, ``flex_attention``...
+        config_overrides: config fields for ``random:<family>`` sources.
+        seed: seed for random initialisation (``random:`` sources and ``tune="random"``).
+    """
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    if rope not in ROPE_MODES:
+        raise ValueError(f"rope must be one of {ROPE_MODES}, got {rope!r}")
+    if final_norm not in FINAL_NORMS:
+        raise ValueError(f"final_norm must be one of {FINAL_NORMS}, got {final_norm!r}")
+    if tune not in TUNE_MODES:
+        raise ValueError(f"tune must be one of {TUNE_MODES}, got {tune!r}")
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
+        dtype = getattr(torch, dtype)
+
+    resolved: ResolvedSource = resolve_source(source, config_overrides)
+    config = _text_config(resolved.config)
+    spec = get_family(config.model_type)
+    supported = supported_attn_implementations(config)
+    impl = check_attn_implementation(config, attn_implementation, supported)
+    config._attn_implementation = impl
+    indices = resolve_layers(layers, int(config.num_hidden_layers))
+
+    # The architecture's own modules, built without memory: parameters on `meta`, buffers (rotary
+    # frequencies) real. Only the requested layers are materialised below.
+    with init_empty_weights(include_buffers=False):
+        base = AutoModel.from_config(config)
+    config = base.config
+    stack = base.get_submodule(spec.layers)
+    chosen = [stack[i] for i in indices]
+    random_init = resolved.reader is None or tune == "random"
+
+    if random_init:
+        for layer in chosen:
+            _materialize_random(layer, base, seed)
+    else:
+        keys = resolved.reader.keys()
+        prefix = _find_prefix(keys, spec, indices[0])
+        for i, layer in zip(indices, chosen):
+            _load_module(layer, resolved.reader, f"{prefix}{spec.layers}.{i}.", f"layer {i}")
+
+    norm_module: nn.Module | None = None
+    if final_norm == "llm":
+        if spec.final_norm is None or not _has_submodule(base, spec.final_norm):
+            raise ValueError(
+                f"{spec.model_type} has no final norm in this checkpoint; use final_norm='rms_unit' or 'none'"
+            )
+        norm_module = base.get_submodule(spec.final_norm)
+        if random_init:
+            _materialize_random(norm_module, base, seed)
+        else:
+            _load_module(norm_module, resolved.reader, f"{prefix}{spec.final_norm}.", "the final norm")
+    elif final_norm == "rms_unit":
+        norm_module = UnitRMSNorm(eps=float(getattr(config, spec.eps, None) or 1e-6))
+
+    rotary = None
+    if spec.rotary is not None:
+        rotary = base.get_submodule(spec.rotary)
+        rotary._takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
+
+    blocks = LLMBlocks(
+        chosen,
+        config=config,
+        family=spec,
+        layer_indices=indices,
+        layer_types=_layer_types(config, spec, indices),
+        attention=attention,
+        rope=rope,
+        rotary=rotary,
+        final_norm=norm_module,
+        final_norm_kind=final_norm,
+        source=resolved.label,
+    )
+    blocks.supported_attn_implementations = supported
+    del base, stack
+    if dtype is not None:
+        blocks.layers.to(dtype)
+        blocks.final_norm.to(dtype)
+    apply_tuning(blocks, tune, **tune_kwargs)
+    return blocks
+
+
+def supported_attn_implementations(config: PretrainedConfig) -> list[str]:
+    """The attention backends the architecture declares support for (its `_supports_*` flags)."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    cls = MODEL_MAPPING[type(config)]
+    out = ["eager"]
+    if getattr(cls, "_supports_sdpa", False):
+        out.append("sdpa")
+    if getattr(cls, "_supports_flash_attn", False):
+        out += ["flash_attention_2", "flash_attention_3"]
+    if getattr(cls, "_supports_flex_attn", False):
+        out.append("flex_attention")
+    return out
+
+
+def check_attn_implementation(config: PretrainedConfig, requested: str | None, supported: list[str]) -> str:
+    """`requested`, validated against what the architecture supports; `None` picks SDPA, else eager."""
+    if requested is None:
+        return "sdpa" if "sdpa" in supported else "eager"
+    if requested not in supported:
+        raise ValueError(
+            f"{config.model_type} does not support attn_implementation={requested!r}; it supports {supported}"
+        )
+    if requested == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA GPU")
+    return requested
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny `transformers` models of every family, built in code and saved to disk once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_configs import tiny_config
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def build_tiny_model(model_type: str, attn_implementation: str = "eager", seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised 4-layer model of `model_type` (BERT: the encoder, others: the causal LM)."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **tiny_config(model_type))
+    config._attn_implementation = attn_implementation
+    cls = AutoModel if model_type == "bert" else AutoModelForCausalLM
+    return cls.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`tiny_checkpoint(model_type, sharded=False)` -> a folder written by `save_pretrained` (cached)."""
+    cache: dict[tuple[str, bool], Path] = {}
+
+    def make(model_type: str, sharded: bool = False) -> Path:
+        key = (model_type, sharded)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{model_type}{'-sharded' if sharded else ''}")
+            model = build_tiny_model(model_type)
+            model.save_pretrained(folder, max_shard_size="60KB" if sharded else "5GB")
+            cache[key] = folder
+        return cache[key]
+
+    return make
+
+
+def hidden_states(model: PreTrainedModel, seq_len: int = 12, batch: int = 2, seed: int = 1, attention_mask=None):
+    """The model's own `hidden_states` and final hidden state for random token ids."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq_len), generator=g)
+    with torch.no_grad():
+        out = model(ids, attention_mask=attention_mask, output_hidden_states=True)
+    last = getattr(out, "last_hidden_state", None)
+    if last is None:
+        last = out.hidden_states[-1]
+    return out.hidden_states, last

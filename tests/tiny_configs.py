@@ -1,0 +1,70 @@
+"""Tiny configs, built in code, for every family in `mmblocks.llm.FAMILIES` (oracle tests use these)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+COMMON: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=128,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+TINY: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_embd=64, n_layer=4, n_head=4, n_inner=128, n_positions=256, vocab_size=128),
+    "opt": dict(
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        vocab_size=128,
+        max_position_embeddings=256,
+    ),
+    "gpt_neox": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=256,
+        rotary_pct=0.5,
+    ),
+    "bert": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=256,
+    ),
+    "phi": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=256,
+        partial_rotary_factor=0.5,
+    ),
+    "phi3": dict(COMMON, partial_rotary_factor=0.5, pad_token_id=0),
+    # sliding windows shorter than the test sequence, so the per-layer masks are exercised
+    "mistral": dict(COMMON, sliding_window=4),
+    "qwen2": dict(COMMON, use_sliding_window=True, sliding_window=4, max_window_layers=2),
+    "gemma2": dict(COMMON, sliding_window=4),
+    "gemma3_text": dict(COMMON, sliding_window=4, sliding_window_pattern=2),
+}
+
+
+def tiny_config(model_type: str) -> dict[str, Any]:
+    """Config overrides for a 4-layer, 64-wide model of `model_type`."""
+    return dict(TINY.get(model_type, COMMON))
