@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import build_tiny_model
+
 from mmblocks.llm import load_blocks
 from mmblocks.llm.load import supported_attn_implementations
 from tokenizers_mm import Tokens
