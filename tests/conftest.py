@@ -11,6 +11,8 @@ import torch
 from tiny_configs import tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
+from mmblocks.llm import get_family
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -21,7 +23,7 @@ def build_tiny_model(model_type: str, attn_implementation: str = "eager", seed: 
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **tiny_config(model_type))
     config._attn_implementation = attn_implementation
-    cls = AutoModel if model_type == "bert" else AutoModelForCausalLM
+    cls = AutoModel if get_family(model_type).encoder else AutoModelForCausalLM
     return cls.from_config(config).eval()
 
 

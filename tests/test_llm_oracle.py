@@ -15,12 +15,19 @@ TOL = 1e-5
 
 
 def _mode(model_type: str) -> str:
-    return "bidirectional" if model_type == "bert" else "causal"
+    return FAMILIES[model_type].default_attention
 
 
 def _impls(model_type: str) -> list[str]:
     model = build_tiny_model(model_type)
     return [i for i in ("eager", "sdpa") if i in supported_attn_implementations(model.config)]
+
+
+def _model_behaviour_blocks(folder, family: str, impl: str):
+    """Layers 1 and 2 loaded to behave as inside the model: its attention mode, its rotary, no extra norm."""
+    return load_blocks(
+        folder, [1, 2], attention=_mode(family), rope="native", final_norm="none", attn_implementation=impl
+    )
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -30,14 +37,7 @@ def test_layers_match_model_forward(family, impl, tiny_checkpoint):
         pytest.skip(f"{family} does not support {impl} in transformers")
     model = build_tiny_model(family, attn_implementation=impl)
     hs, _ = hidden_states(model)
-    blocks = load_blocks(
-        tiny_checkpoint(family),
-        [1, 2],
-        attention=_mode(family),
-        rope="native",
-        final_norm="none",
-        attn_implementation=impl,
-    )
+    blocks = _model_behaviour_blocks(tiny_checkpoint(family), family, impl)
     assert blocks.attn_implementation == impl
     with torch.no_grad():
         out = blocks(hs[1])
@@ -83,14 +83,7 @@ def test_padding_mask_matches_model_forward(family, impl, tiny_checkpoint):
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[1, 8:] = False
     hs, _ = hidden_states(model, attention_mask=mask.long())
-    blocks = load_blocks(
-        tiny_checkpoint(family),
-        [1, 2],
-        attention=_mode(family),
-        rope="native",
-        final_norm="none",
-        attn_implementation=impl,
-    )
+    blocks = _model_behaviour_blocks(tiny_checkpoint(family), family, impl)
     with torch.no_grad():
         out = blocks(Tokens(hs[1], mask=mask, modality="text"))
     assert isinstance(out, Tokens) and out.mask is mask

@@ -19,6 +19,16 @@ COMMON: dict[str, Any] = dict(
     eos_token_id=2,
 )
 
+ENCODER: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    vocab_size=128,
+    max_position_embeddings=256,
+    pad_token_id=1,
+)
+
 TINY: dict[str, dict[str, Any]] = {
     "gpt2": dict(n_embd=64, n_layer=4, n_head=4, n_inner=128, n_positions=256, vocab_size=128),
     "opt": dict(

@@ -10,7 +10,7 @@ may carry the causal-LM prefix (`model.`, `transformer.`, `gpt_neox.`, `bert.`),
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 __all__ = ["FamilySpec", "FAMILIES", "get_family", "list_families", "UnknownFamilyError"]
@@ -42,6 +42,7 @@ class FamilySpec:
         sliding_all: True if `config.sliding_window` applies to every layer (Mistral); otherwise sliding
             layers are read from `config.layer_types`.
         eps: config attribute holding the norm epsilon (used by `final_norm="rms_unit"`).
+        encoder: True for bidirectional encoder layers (BERT-style); decoders are causal in their own model.
     """
 
     model_type: str
@@ -55,7 +56,12 @@ class FamilySpec:
     pre_norm: bool | str = True
     sliding_all: bool = False
     eps: str = "rms_norm_eps"
-    aliases: tuple[str, ...] = field(default=())
+    encoder: bool = False
+
+    @property
+    def default_attention(self) -> str:
+        """How the layers attend inside their own model: encoders are bidirectional, decoders causal."""
+        return "bidirectional" if self.encoder else "causal"
 
     @property
     def positions(self) -> str:
@@ -63,6 +69,29 @@ class FamilySpec:
 
 
 _LLAMA = FamilySpec("llama")
+_GPT2 = FamilySpec(
+    "gpt2",
+    layers="h",
+    final_norm="ln_f",
+    rotary=None,
+    norm="layer",
+    attn="attn",
+    residual_out=("attn.c_proj", "mlp.c_proj"),
+    eps="layer_norm_epsilon",
+)
+_BERT = FamilySpec(
+    "bert",
+    layers="encoder.layer",
+    final_norm=None,
+    rotary=None,
+    norm="layer",
+    attn="attention",
+    mlp=("intermediate", "output"),
+    residual_out=(),
+    pre_norm=False,
+    eps="layer_norm_eps",
+    encoder=True,
+)
 _LAYERNORM = dict(norm="layer", eps="layer_norm_eps")
 
 
@@ -95,6 +124,22 @@ _ENTRIES: list[FamilySpec] = [
     _like("gemma2", norm="rms_offset"),
     _like("gemma3_text", norm="rms_offset"),
     _like("phi3"),
+    _like("internlm3"),
+    _like("bitnet"),
+    _like("diffllama"),
+    _like("hyperclovax"),
+    _like("ministral3"),
+    _like("cwm"),
+    _like("apertus1p5_text"),
+    _like("nanochat", residual_out=("self_attn.o_proj", "mlp.fc2")),
+    _like("cohere2", norm="layer", eps="layer_norm_eps"),
+    _like("nemotron", norm="layer", eps="norm_eps"),  # LayerNorm1P: weight stored as w - 1
+    _like(
+        "persimmon",
+        final_norm="final_layernorm",
+        residual_out=("self_attn.dense", "mlp.dense_4h_to_h"),
+        **_LAYERNORM,
+    ),
     _like("cohere", norm="layer", eps="layer_norm_eps"),
     _like("stablelm", **_LAYERNORM),
     _like("starcoder2", norm="layer", eps="norm_epsilon", residual_out=("self_attn.o_proj", "mlp.c_proj")),
@@ -123,29 +168,15 @@ _ENTRIES: list[FamilySpec] = [
         pre_norm="do_layer_norm_before",
         eps="layer_norm_eps",
     ),
-    FamilySpec(
-        "gpt2",
-        layers="h",
-        final_norm="ln_f",
-        rotary=None,
-        norm="layer",
-        attn="attn",
-        residual_out=("attn.c_proj", "mlp.c_proj"),
-        eps="layer_norm_epsilon",
-    ),
+    _GPT2,
+    _like("gpt-sw3", base=_GPT2),
     # BERT-style post-norm encoder layers (MiniLM): bidirectional by nature, positions in the embeddings.
-    FamilySpec(
-        "bert",
-        layers="encoder.layer",
-        final_norm=None,
-        rotary=None,
-        norm="layer",
-        attn="attention",
-        mlp=("intermediate", "output"),
-        residual_out=(),
-        pre_norm=False,
-        eps="layer_norm_eps",
-    ),
+    _BERT,
+    _like("roberta", base=_BERT),
+    _like("xlm-roberta", base=_BERT),
+    _like("camembert", base=_BERT),
+    _like("data2vec-text", base=_BERT),
+    _like("electra", base=_BERT),
 ]
 
 FAMILIES: dict[str, FamilySpec] = {spec.model_type: spec for spec in _ENTRIES}
@@ -156,11 +187,17 @@ def list_families() -> list[str]:
     return sorted(FAMILIES)
 
 
+def _normalise(name: str) -> str:
+    return name.lower().replace("-", "_")
+
+
 def get_family(model_type: str) -> FamilySpec:
     """The `FamilySpec` of `model_type`; an unknown architecture gets an error listing the supported ones."""
-    key = model_type.lower().replace("-", "_")
-    if key in FAMILIES:
-        return FAMILIES[key]
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    for name, spec in FAMILIES.items():
+        if _normalise(name) == _normalise(model_type):
+            return spec
     raise UnknownFamilyError(
         f"unsupported architecture {model_type!r}: mmblocks knows the layer layout of "
         f"{', '.join(list_families())}. A standard decoder family is one FamilySpec entry in "

@@ -1,0 +1,68 @@
+"""Every `FamilySpec` entry's facts hold for its architecture (paths, norms, residual outputs, tuning)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmblocks.llm import FAMILIES, list_families, load_blocks, lora_target_modules
+from mmblocks.llm.norms import is_norm_module
+
+FAMILY_NAMES = list_families()
+
+
+def _x(width: int = 64) -> torch.Tensor:
+    return torch.randn(2, 7, width, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_declared_submodules_exist(family, tiny_checkpoint):
+    spec = FAMILIES[family]
+    blocks = load_blocks(tiny_checkpoint(family), [0])
+    layer = blocks.layers[0]
+    layer.get_submodule(spec.attn)
+    for name in spec.mlp + spec.residual_out:
+        layer.get_submodule(name)
+    assert (blocks.rotary is not None) == (spec.rotary is not None)
+    for target in ("attention", "mlp"):
+        assert lora_target_modules(blocks, target), f"{family}: no LoRA targets for {target}"
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_norm_tuning_opens_only_norm_parameters(family, tiny_checkpoint):
+    blocks = load_blocks(tiny_checkpoint(family), [0, 1], tune="norm")
+    norm_params = {id(p) for m in blocks.modules() if is_norm_module(m) for p in m.parameters(recurse=False)}
+    trainable = blocks.trainable_parameters()
+    assert all(id(p) in norm_params for p in trainable)
+    assert {id(p) for p in trainable} == norm_params  # OLMo's and nanochat's norms have no weights: empty
+    undetected = {type(m).__name__ for m in blocks.modules() if "Norm" in type(m).__name__ and not is_norm_module(m)}
+    assert not undetected - {"UnitRMSNorm"}, f"norm classes not recognised: {undetected}"
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_expand_is_identity_at_init_where_the_layer_is_pre_norm(family, tiny_checkpoint):
+    spec = FAMILIES[family]
+    folder = tiny_checkpoint(family)
+    if not spec.residual_out or spec.pre_norm is False:
+        with pytest.raises(ValueError, match="pre-norm"):
+            load_blocks(folder, [1], tune="expand")
+        return
+    base = load_blocks(folder, [1, 2])
+    exp = load_blocks(folder, [1, 2], tune="expand").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exp(_x()), base(_x()), atol=1e-6, rtol=0)
+    assert {n.split(".")[1] for n, p in exp.named_parameters() if p.requires_grad} == {"1", "3"}
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_random_control_runs(family, tiny_checkpoint):
+    blocks = load_blocks(tiny_checkpoint(family), [0], tune="random", seed=0)
+    with torch.no_grad():
+        assert torch.isfinite(blocks(_x())).all()
+
+
+def test_family_lookup_normalises_names():
+    from mmblocks.llm import get_family
+
+    assert get_family("gpt_sw3").model_type == "gpt-sw3"
+    assert get_family("xlm_roberta").encoder
