@@ -1,0 +1,62 @@
+"""`ClassifierHead`: pool `Tokens` and classify."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from tokenizers_mm import Tokens
+
+__all__ = ["ClassifierHead", "POOLING"]
+
+POOLING = ("cls", "mean", "last", "cls+max")
+
+
+class ClassifierHead(nn.Module):
+    """Pooling + dropout + linear classifier.
+
+    Pooling: ``cls`` (first token, ViT / the center paper), ``mean`` (mean of the grid tokens, padding excluded),
+    ``last`` (the last real token: a causal ViT's post-sequence cls, FPT's readout), ``cls+max`` (the cls token
+    concatenated with the max over grid tokens). ``Tokens [B, N, D] -> logits [B, num_classes]``.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, pool: str = "cls", dropout: float = 0.0):
+        super().__init__()
+        if pool not in POOLING:
+            raise ValueError(f"pool must be one of {POOLING}, got {pool!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.pool, self.in_dim, self.num_classes = pool, in_dim, num_classes
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_dim * (2 if pool == "cls+max" else 1), num_classes)
+        trunc_normal_(self.fc.weight, std=0.02)
+        nn.init.zeros_(self.fc.bias)
+
+    def pool_tokens(self, tokens: Tokens) -> torch.Tensor:
+        """``[B, N, D] -> [B, D]`` (``[B, 2D]`` for ``cls+max``)."""
+        x, mask = tokens.x, tokens.mask
+        if self.pool in ("cls", "cls+max") and tokens.num_prefix < 1:
+            raise ValueError(f"pool={self.pool!r} needs a cls token (num_prefix >= 1), got num_prefix=0")
+        if self.pool == "last":
+            if mask is None:
+                return x[:, -1]
+            last = mask.long().cumsum(1).argmax(1)  # index of the last real token
+            return x[torch.arange(x.shape[0], device=x.device), last]
+        if self.pool == "cls":
+            return x[:, 0]
+        grid = tokens.x[:, tokens.num_prefix : tokens.num_tokens - tokens.num_suffix]
+        gmask = mask[:, tokens.num_prefix : tokens.num_tokens - tokens.num_suffix] if mask is not None else None
+        if self.pool == "mean":
+            if gmask is None:
+                return grid.mean(1)
+            w = gmask.unsqueeze(-1).to(grid.dtype)
+            return (grid * w).sum(1) / w.sum(1).clamp_min(1.0)
+        if gmask is not None:
+            grid = grid.masked_fill(~gmask.unsqueeze(-1), torch.finfo(grid.dtype).min)
+        return torch.cat([x[:, 0], grid.amax(1)], dim=-1)
+
+    def forward(self, tokens: Tokens) -> torch.Tensor:
+        if tokens.dim != self.in_dim:
+            raise ValueError(f"ClassifierHead expects width {self.in_dim}, got {tokens.dim}")
+        return self.fc(self.drop(self.pool_tokens(tokens)))

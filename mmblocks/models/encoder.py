@@ -1,0 +1,199 @@
+"""`MMEncoder`: tokenizer -> backbone blocks -> [adapter_in -> LLMBlocks -> adapter_out] -> norm -> head."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tokenizers_mm import Tokens
+
+from ..llm import LLMBlocks
+
+__all__ = ["LLMStage", "MMEncoder"]
+
+
+class LLMStage(nn.Module):
+    """``adapter_in -> LLMBlocks -> adapter_out``: the LLM blocks inside an encoder of another width.
+
+    The center paper's wiring is two bias-free linears around one frozen block, with no residual around the stage.
+    ``Tokens [B, N, d] -> [B, N, D_llm] -> [B, N, d]``.
+    """
+
+    def __init__(self, adapter_in: nn.Module, blocks: LLMBlocks, adapter_out: nn.Module):
+        super().__init__()
+        for name, a, want in (("adapter_in", adapter_in, "out_dim"), ("adapter_out", adapter_out, "in_dim")):
+            width = getattr(a, want, None)
+            if width is not None and width != blocks.hidden_size:
+                raise ValueError(
+                    f"{name}.{want}={width} must equal the LLM hidden size {blocks.hidden_size} ({blocks.family})"
+                )
+        self.adapter_in = adapter_in
+        self.blocks = blocks
+        self.adapter_out = adapter_out
+
+    def forward(self, tokens: Tokens) -> Tokens:
+        return self.adapter_out(self.blocks(self.adapter_in(tokens)))
+
+    @property
+    def aux_loss(self) -> torch.Tensor | float:
+        return self.blocks.aux_loss
+
+
+class MMEncoder(nn.Module):
+    """A modality encoder with LLM blocks inserted after backbone block `insert_at` (design §5).
+
+    Args:
+        tokenizer: raw input -> `Tokens` (e.g. `image_patches`).
+        backbone: a module with ``blocks`` (each ``[B, N, D] -> [B, N, D]``), ``norm_pre`` and ``norm`` (a
+            `TimmViT`), or None.
+        llm_stage: an `LLMStage`, or None for the baseline.
+        head: a head on the final `Tokens` (e.g. `ClassifierHead`), or None for features only.
+        insert_at: how many backbone blocks run before the LLM stage (default: all of them — after the last
+            block, before the final norm, the center paper's place).
+    """
+
+    def __init__(
+        self,
+        tokenizer: nn.Module,
+        backbone: nn.Module | None = None,
+        llm_stage: LLMStage | None = None,
+        head: nn.Module | None = None,
+        insert_at: int | None = None,
+    ):
+        super().__init__()
+        depth = len(backbone.blocks) if backbone is not None else 0
+        insert_at = depth if insert_at is None else insert_at
+        if not 0 <= insert_at <= depth:
+            raise ValueError(f"insert_at must be in 0..{depth} (the backbone has {depth} blocks), got {insert_at}")
+        self.tokenizer = tokenizer
+        self.backbone = backbone
+        self.llm_stage = llm_stage
+        self.head = head
+        self.insert_at = insert_at
+        self.grad_checkpointing = False
+
+    # ------------------------------------------------------------------ structure
+    def layer_names(self) -> list[str]:
+        """The execution order: ``block.0 .. block.{k-1}, llm, block.k, ...`` (indices of `forward_intermediates`)."""
+        depth = len(self.backbone.blocks) if self.backbone is not None else 0
+        names = [f"block.{i}" for i in range(depth)]
+        if self.llm_stage is not None:
+            names.insert(self.insert_at, "llm")
+        return names
+
+    def _layers(self) -> Iterator[tuple[str, nn.Module]]:
+        for name in self.layer_names():
+            yield name, self.llm_stage if name == "llm" else self.backbone.blocks[int(name.split(".")[1])]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute backbone blocks in backward (non-reentrant); the LLM blocks have their own switch."""
+        self.grad_checkpointing = enable
+        if self.llm_stage is not None:
+            self.llm_stage.blocks.set_gradient_checkpointing(enable)
+
+    def _run(self, name: str, module: nn.Module, tokens: Tokens) -> Tokens:
+        if name == "llm":
+            return module(tokens)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return tokens.with_x(checkpoint(module, tokens.x, use_reentrant=False))
+        return tokens.with_x(module(tokens.x))
+
+    def _start(self, inputs: torch.Tensor) -> Tokens:
+        tokens = self.tokenizer(inputs)
+        if self.backbone is not None and hasattr(self.backbone, "norm_pre"):
+            tokens = tokens.with_x(self.backbone.norm_pre(tokens.x))
+        return tokens
+
+    def _final_norm(self, tokens: Tokens) -> Tokens:
+        if self.backbone is not None and hasattr(self.backbone, "norm"):
+            return tokens.with_x(self.backbone.norm(tokens.x))
+        return tokens
+
+    # ------------------------------------------------------------------ forward
+    def forward_features(self, inputs: torch.Tensor) -> Tokens:
+        """Raw input -> final (normed) `Tokens`."""
+        tokens = self._start(inputs)
+        for name, module in self._layers():
+            tokens = self._run(name, module, tokens)
+        return self._final_norm(tokens)
+
+    def forward_head(self, tokens: Tokens) -> torch.Tensor:
+        if self.head is None:
+            raise ValueError("this encoder has no head; use forward_features")
+        return self.head(tokens)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor | Tokens:
+        """Raw input -> head output (logits), or the final `Tokens` when there is no head."""
+        tokens = self.forward_features(inputs)
+        return self.head(tokens) if self.head is not None else tokens
+
+    def forward_intermediates(
+        self, inputs: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False
+    ) -> tuple[Tokens, list[Tokens]]:
+        """Final `Tokens` plus the outputs of the layers at `indices` (timm-style: an int takes the last n).
+
+        Indices count layers in execution order (`layer_names()`), the LLM stage being one layer.
+        """
+        names = self.layer_names()
+        if indices is None:
+            take = list(range(len(names)))
+        elif isinstance(indices, int):
+            take = list(range(len(names) - indices, len(names)))
+        else:
+            take = [i + len(names) if i < 0 else i for i in indices]
+        bad = [i for i in take if not 0 <= i < len(names)]
+        if bad:
+            raise IndexError(f"intermediate indices {bad} out of range for {len(names)} layers {names}")
+        tokens = self._start(inputs)
+        out: list[Tokens] = []
+        for i, (name, module) in enumerate(self._layers()):
+            tokens = self._run(name, module, tokens)
+            if i in take:
+                out.append(self._final_norm(tokens) if norm else tokens)
+        return self._final_norm(tokens), out
+
+    @property
+    def aux_loss(self) -> torch.Tensor | float:
+        """Auxiliary loss of the LLM stage (Control LLM divergence; 0 otherwise)."""
+        return self.llm_stage.aux_loss if self.llm_stage is not None else 0.0
+
+    # ------------------------------------------------------------------ parameters
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def stages(self) -> list[tuple[str, nn.Module | None]]:
+        llm = self.llm_stage
+        backbone_blocks = self.backbone.blocks if self.backbone is not None else None
+        norm = getattr(self.backbone, "norm", None) if self.backbone is not None else None
+        return [
+            ("tokenizer", self.tokenizer),
+            ("backbone blocks", backbone_blocks),
+            ("adapter_in", llm.adapter_in if llm else None),
+            ("llm blocks", llm.blocks if llm else None),
+            ("adapter_out", llm.adapter_out if llm else None),
+            ("norm", norm),
+            ("head", self.head),
+        ]
+
+    def parameter_table(self) -> str:
+        """Trainable and frozen parameters per stage."""
+        rows = []
+        for name, module in self.stages():
+            if module is None:
+                continue
+            params = list(module.parameters())
+            rows.append(
+                (
+                    name,
+                    sum(p.numel() for p in params if p.requires_grad),
+                    sum(p.numel() for p in params if not p.requires_grad),
+                )
+            )
+        rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+        w = max(len(r[0]) for r in rows)
+        lines = [f"{'stage':<{w}}  {'trainable':>12}  {'frozen':>12}", "-" * (w + 28)]
+        lines += [f"{n:<{w}}  {t:>12,}  {f:>12,}" for n, t, f in rows]
+        return "\n".join(lines)

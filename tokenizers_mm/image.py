@@ -1,0 +1,190 @@
+"""`image_patches`: images -> patch `Tokens` (ViT patch embedding, cls/register tokens, absolute positions)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from torch import nn
+
+from .registry import register_tokenizer
+from .tokens import Tokens
+
+__all__ = ["ImagePatches"]
+
+POS_EMBED_KINDS = ("learned", "sincos", "none")
+
+
+@register_tokenizer("image_patches")
+class ImagePatches(nn.Module):
+    """Conv patch embedding (timm's `PatchEmbed`) + cls / register tokens + absolute positions.
+
+    Follows timm's `VisionTransformer` token layout exactly, so weights load from any timm ViT
+    (`from_timm`): ``[cls, reg_1..reg_R, patch_1..patch_HW]`` with positions added to the patches (and, unless
+    ``no_embed_class``, to the prefix tokens as well). Other image sizes interpolate the position table
+    (bicubic, as timm's ``dynamic_img_size``).
+
+    Args:
+        img_size: training image size (sets the position table's grid).
+        patch_size: patch side in pixels.
+        in_chans: image channels.
+        embed_dim: token width ``D``.
+        class_token: prepend a learned cls token.
+        num_registers: learned register tokens after the cls token (no positions of their own with
+            ``no_embed_class``).
+        pos_embed: ``learned`` (trunc-normal 0.02), ``sincos`` (fixed 2D sin-cos) or ``none``.
+        no_embed_class: positions only for patch tokens (DeiT-3 style) instead of the prefix too.
+        bias: conv bias.
+
+    Input ``[B, C, H, W]`` -> `Tokens` with ``x [B, P + h*w, D]``, ``grid (h, w)``, ``num_prefix P``,
+    ``pos [B, N, 2]`` = (row, col) patch centres in patch units; prefix tokens sit at (-1, -1).
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        class_token: bool = True,
+        num_registers: int = 0,
+        pos_embed: str = "learned",
+        no_embed_class: bool = False,
+        bias: bool = True,
+    ):
+        super().__init__()
+        if pos_embed not in POS_EMBED_KINDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBED_KINDS}, got {pos_embed!r}")
+        if num_registers < 0:
+            raise ValueError(f"num_registers must be >= 0, got {num_registers}")
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            bias=bias,
+            output_fmt="NHWC",
+            strict_img_size=False,
+        )
+        self.embed_dim = embed_dim
+        self.in_chans = in_chans
+        self.num_prefix_tokens = int(class_token) + num_registers
+        self.no_embed_class = no_embed_class
+        self.pos_embed_kind = pos_embed
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
+        grid = self.patch_embed.grid_size
+        embed_len = grid[0] * grid[1] + (0 if no_embed_class else self.num_prefix_tokens)
+        if pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
+            trunc_normal_(self.pos_embed, std=0.02)
+        elif pos_embed == "sincos":
+            table = build_sincos2d_pos_embed(list(grid), dim=embed_dim).reshape(1, grid[0] * grid[1], embed_dim)
+            if not no_embed_class:
+                table = torch.cat([torch.zeros(1, self.num_prefix_tokens, embed_dim), table], dim=1)
+            self.register_buffer("pos_embed", table, persistent=False)
+        else:
+            self.pos_embed = None
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.patch_embed.grid_size)
+
+    @classmethod
+    def from_timm(cls, vit: nn.Module) -> ImagePatches:
+        """An `ImagePatches` holding a copy of a timm `VisionTransformer`'s patch embedding, tokens and positions."""
+        pe = vit.patch_embed
+        pos = getattr(vit, "pos_embed", None)
+        tok = cls(
+            img_size=tuple(pe.img_size),
+            patch_size=pe.patch_size[0],
+            in_chans=pe.proj.in_channels,
+            embed_dim=pe.proj.out_channels,
+            class_token=getattr(vit, "cls_token", None) is not None,
+            num_registers=getattr(vit, "num_reg_tokens", 0),
+            pos_embed="learned" if pos is not None else "none",
+            no_embed_class=getattr(vit, "no_embed_class", False),
+            bias=pe.proj.bias is not None,
+        )
+        tok.load_timm_state(vit)
+        return tok
+
+    def load_timm_state(self, vit: nn.Module) -> None:
+        """Copy patch-embedding weights, cls/register tokens and the position table from a timm ViT."""
+        with torch.no_grad():
+            self.patch_embed.proj.load_state_dict(vit.patch_embed.proj.state_dict())
+            for name in ("cls_token", "reg_token", "pos_embed"):
+                src, dst = getattr(vit, name, None), getattr(self, name, None)
+                if (src is None) != (dst is None):
+                    raise ValueError(
+                        f"timm model and tokenizer disagree on {name}: {src is not None} vs {dst is not None}"
+                    )
+                if src is not None:
+                    if src.shape != dst.shape:
+                        raise ValueError(f"{name}: timm has {tuple(src.shape)}, tokenizer has {tuple(dst.shape)}")
+                    dst.copy_(src)
+
+    def _positions(self, h: int, w: int) -> torch.Tensor | None:
+        if self.pos_embed is None:
+            return None
+        return resample_abs_pos_embed(
+            self.pos_embed,
+            new_size=[h, w],
+            old_size=list(self.grid_size),
+            num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+        )
+
+    def forward(self, images: torch.Tensor) -> Tokens:
+        """``images [B, C, H, W]`` -> `Tokens` ``[B, P + h*w, D]`` (H, W multiples of the patch size)."""
+        if images.dim() != 4:
+            raise ValueError(f"image_patches expects images [B, C, H, W], got shape {tuple(images.shape)}")
+        if images.shape[1] != self.in_chans:
+            raise ValueError(f"image_patches expects {self.in_chans} channels, got {images.shape[1]}")
+        p = self.patch_embed.patch_size
+        if images.shape[2] % p[0] or images.shape[3] % p[1]:
+            raise ValueError(f"image size {tuple(images.shape[2:])} is not a multiple of the patch size {tuple(p)}")
+        x = self.patch_embed(images)  # [B, h, w, D]
+        b, h, w, d = x.shape
+        x = x.reshape(b, h * w, d)
+        prefix = []
+        if self.cls_token is not None:
+            prefix.append(self.cls_token.expand(b, -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(b, -1, -1))
+        pos_embed = self._positions(h, w)
+        if pos_embed is not None and self.no_embed_class:
+            x = x + pos_embed
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)
+        if pos_embed is not None and not self.no_embed_class:
+            x = x + pos_embed
+        return Tokens(
+            x=x,
+            pos=self.token_positions(b, h, w, x.device),
+            grid=(h, w),
+            num_prefix=self.num_prefix_tokens,
+            modality="image",
+        )
+
+    def token_positions(self, batch: int, h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
+        """``[B, P + h*w, 2]`` (row, col) of each token; prefix tokens at (-1, -1)."""
+        rows, cols = torch.meshgrid(
+            torch.arange(h, device=device, dtype=torch.float32),
+            torch.arange(w, device=device, dtype=torch.float32),
+            indexing="ij",
+        )
+        grid = torch.stack([rows.flatten(), cols.flatten()], dim=-1)
+        special = torch.full((self.num_prefix_tokens, 2), -1.0, device=device)
+        return torch.cat([special, grid], dim=0).unsqueeze(0).expand(batch, -1, -1)
+
+    def num_tokens(self, img_size: tuple[int, int] | int) -> int:
+        """Token count for an image of `img_size`."""
+        hw = (img_size, img_size) if isinstance(img_size, int) else img_size
+        p = self.patch_embed.patch_size
+        return self.num_prefix_tokens + math.prod(s // q for s, q in zip(hw, p))
