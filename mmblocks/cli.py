@@ -1,12 +1,22 @@
-"""The `mmblocks` command line: `mmblocks demo`, `mmblocks blocks families|show`."""
+"""The `mmblocks` command line.
+
+mmblocks train CONFIG [key=value ...] [--resume]      (also under `torchrun --nproc_per_node N -m mmblocks`)
+mmblocks eval CONFIG --checkpoint CKPT [key=value ...]
+mmblocks shards write --modality image --from-folder DIR | --from-manifest FILE --out OUT [--split S]
+mmblocks shards make digits|textures --out DIR [--seed S]
+mmblocks demo [--quick]
+mmblocks blocks families | show SOURCE [--layers ...]
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 
 def _parse_layers(text: str) -> list[int] | range:
@@ -17,10 +27,66 @@ def _parse_layers(text: str) -> list[int] | range:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def _command_line() -> str:
+    return "mmblocks " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    summary = train(args.config, args.overrides, resume=args.resume)
+    test = summary.get("test") or {}
+    if test:
+        print(f"test accuracy {test['acc']:.4f} on {int(test['samples'])} samples")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .train import evaluate_checkpoint
+
+    results = evaluate_checkpoint(args.config, args.checkpoint, args.overrides, splits=tuple(args.splits or ()))
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+def _cmd_shards_write(args: argparse.Namespace) -> int:
+    from .data import write_from_folder, write_from_manifest
+
+    if args.modality != "image":
+        raise ValueError(f"--modality {args.modality}: this version writes image shards (points, audio, video next)")
+    kwargs = dict(split=args.split, max_count=args.max_count, max_bytes=args.max_bytes, command=_command_line())
+    if args.reencode:
+        kwargs["reencode"] = args.reencode
+    if args.from_folder:
+        info = write_from_folder(args.from_folder, args.out, **kwargs)
+    else:
+        info = write_from_manifest(args.from_manifest, args.out, **kwargs)
+    print(json.dumps(info, indent=1, default=str)[:2000])
+    return 0
+
+
+def _cmd_shards_make(args: argparse.Namespace) -> int:
+    from .data import make_dataset
+
+    info = make_dataset(args.name, args.out, seed=args.seed)
+    splits = info.get("splits", {})
+    counts = {k: v.get("num_samples", v) if isinstance(v, dict) else v for k, v in splits.items()}
+    print(f"wrote {args.name} to {args.out}: {counts}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(source=args.source, layer=args.layer)
+    run_demo(quick=args.quick, out=args.out, epochs=args.epochs)
+    return 0
+
+
+def _cmd_blocks_demo(args: argparse.Namespace) -> int:
+    from .demo import run_blocks_demo
+
+    run_blocks_demo(source=args.source, layer=args.layer)
     return 0
 
 
@@ -55,19 +121,57 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmblocks", description="Non-text modalities through the transformer blocks of pretrained LLMs."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="load a real SmolLM2 block, run it, print its parameter tables")
-    demo.add_argument("--source", default="smollm2-135m", help="model to take the block from")
-    demo.add_argument("--layer", type=int, default=-1, help="layer index (negative counts from the end)")
+    tr = sub.add_parser("train", help="train an encoder from a YAML config")
+    tr.add_argument("config", help="YAML config (configs/image/...)")
+    tr.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=3e-4 data.batch_size=32")
+    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on the val/test splits")
+    ev.add_argument("config")
+    ev.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    ev.add_argument("--checkpoint", required=True, help="a step-* checkpoint folder or a checkpoints folder")
+    ev.add_argument("--splits", nargs="*", help="splits to evaluate (default: val and test)")
+    ev.set_defaults(func=_cmd_eval)
+
+    sh = sub.add_parser("shards", help="write WebDataset shards")
+    ssub = sh.add_subparsers(dest="shards_command", required=True)
+    wr = ssub.add_parser("write", help="shards from an ImageFolder tree or a manifest (jsonl/csv)")
+    wr.add_argument("--modality", default="image", choices=["image", "points", "audio", "video"])
+    src = wr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-folder", help="one sub-folder per class")
+    src.add_argument("--from-manifest", help=".jsonl or .csv with path, label[, caption]")
+    wr.add_argument("--out", required=True, help="output folder (index.json + shards)")
+    wr.add_argument("--split", default="train")
+    wr.add_argument("--max-count", type=int, default=10000, help="samples per shard")
+    wr.add_argument("--max-bytes", default="1GB", help="bytes per shard, e.g. 256MB")
+    wr.add_argument("--reencode", default=None, help="re-encode images to this format (default: keep as is)")
+    wr.set_defaults(func=_cmd_shards_write)
+    mk = ssub.add_parser("make", help="build an offline dataset from data shipped in installed packages")
+    mk.add_argument("name", choices=["digits", "textures"])
+    mk.add_argument("--out", required=True)
+    mk.add_argument("--seed", type=int, default=0)
+    mk.set_defaults(func=_cmd_shards_make)
+
+    demo = sub.add_parser("demo", help="train baseline / +frozen SmolLM2 block / +random block on textures")
+    demo.add_argument("--quick", action="store_true", help="tiny settings (seconds; for tests)")
+    demo.add_argument("--out", default="runs/demo", help="where runs and the comparison go")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs per arm (default: the configs')")
     demo.set_defaults(func=_cmd_demo)
 
     blocks = sub.add_parser("blocks", help="inspect LLM blocks")
     bsub = blocks.add_subparsers(dest="blocks_command", required=True)
+    bdemo = bsub.add_parser("demo", help="load a real SmolLM2 block, run it, print its parameter tables")
+    bdemo.add_argument("--source", default="smollm2-135m")
+    bdemo.add_argument("--layer", type=int, default=-1)
+    bdemo.set_defaults(func=_cmd_blocks_demo)
     fam = bsub.add_parser("families", help="list the supported transformers architectures")
     fam.set_defaults(func=_cmd_families)
     show = bsub.add_parser("show", help="load layers from a source and print them with their parameter table")
@@ -85,9 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .config import ConfigError
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, IndexError, KeyError, FileNotFoundError, ImportError) as err:
+    except (ConfigError, ValueError, TypeError, IndexError, KeyError, FileNotFoundError, ImportError) as err:
         print(f"mmblocks: error: {err}", file=sys.stderr)
         return 2
 
