@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train baseline / +frozen SmolLM2 block / +random block on textures")
     demo.add_argument("--quick", action="store_true", help="tiny settings (seconds; for tests)")
     demo.add_argument("--out", default="runs/demo", help="where runs and the comparison go")
-    demo.add_argument("--epochs", type=int, default=None, help="epochs per arm (default: the configs')")
+    demo.add_argument("--epochs", type=int, default=3, help="epochs per arm (default 3: a few minutes each on CPU)")
     demo.set_defaults(func=_cmd_demo)
 
     blocks = sub.add_parser("blocks", help="inspect LLM blocks")

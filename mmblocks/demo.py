@@ -45,7 +45,10 @@ QUICK_OVERRIDES = (
 )
 
 
-def run_demo(quick: bool = False, out: str | Path = "runs/demo", epochs: int | None = None) -> list[dict]:
+DEMO_EPOCHS = 3  # a few minutes per arm on 2 CPU cores; the configs themselves train 15 epochs
+
+
+def run_demo(quick: bool = False, out: str | Path = "runs/demo", epochs: int | None = DEMO_EPOCHS) -> list[dict]:
     """Train the three arms of `DEMO_ARMS` and print a table of their test accuracy; returns the summaries.
 
     ``quick`` trains two steps of a one-block ViT on `digits` per arm (for tests); ``epochs`` overrides the
