@@ -8,6 +8,7 @@ Usage: python bench/bench_train_step.py [--batch 64] [--depth 6] [--repeats 10] 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import threading
 import time
@@ -41,9 +42,22 @@ class PeakRSS:
         self.thread.join()
 
 
+SMOLLM2_SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    rms_norm_eps=1e-5,
+    vocab_size=49152,
+)
+
+
 def bench_arm(tune: str | None, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    llm = {"enabled": tune is not None, "source": "smollm2-135m", "tune": tune or "frozen"}
+    llm = {"enabled": tune is not None, "source": args.llm_source, "tune": tune or "frozen"}
+    if args.llm_source.startswith("random:"):  # same shapes and cost without the weights (e.g. on a GPU box)
+        llm["config_overrides"] = SMOLLM2_SHAPE
     cfg = {
         "model": {
             "backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "depth": args.depth},
@@ -56,8 +70,12 @@ def bench_arm(tune: str | None, args: argparse.Namespace) -> dict:
     x = torch.randn(args.batch, 3, 32, 32, device=args.device)
     y = torch.randint(0, 20, (args.batch,), device=args.device)
 
+    amp = torch.autocast(args.device, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
+
     def step() -> None:
-        F.cross_entropy(model(x), y).backward()
+        with amp:
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if args.device == "cuda":
@@ -90,6 +108,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16"])
+    parser.add_argument("--llm-source", default="smollm2-135m", help="or random:llama (SmolLM2 shapes, no weights)")
     args = parser.parse_args()
     print(
         f"torch {torch.__version__}, {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, "

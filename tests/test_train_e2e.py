@@ -78,7 +78,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, digits_root, tiny
     full = Trainer(
         "configs/image/digits_vit_tiny_smollm2.yaml", _tiny_overrides(digits_root, tmp_path / "a", llm) + steps
     )
-    assert full.steps_per_epoch == 5, "1257 train digits / 256 per batch: the run crosses an epoch boundary"
+    assert full.steps_per_epoch == len(full.train_loader) < 8, "the run crosses an epoch boundary"
     full.fit()
     overrides = _tiny_overrides(digits_root, tmp_path / "b", llm) + steps
     with pytest.raises(_Kill):

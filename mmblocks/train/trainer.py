@@ -145,6 +145,7 @@ class Trainer:
         self.history: list[dict] = []
         self.skipped_total = 0
         self.logger: MetricsLogger | None = None
+        self._eval_loaders: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ setup helpers
     def _amp_dtype(self, amp: str) -> torch.dtype | None:
@@ -183,8 +184,11 @@ class Trainer:
         t, d = self.cfg["train"], self.cfg["data"]
         if t["steps_per_epoch"]:
             return t["steps_per_epoch"]
-        per_rank = math.ceil(self.train_loader.num_samples / self.dist.world_size)
-        return max(1, math.ceil(per_rank / d["batch_size"]) // t["accum_steps"])
+        try:  # the loader knows how many batches this rank yields (each worker's last one may be short)
+            batches = len(self.train_loader)
+        except TypeError:  # resampled without a nominal epoch size
+            batches = math.ceil(self.train_loader.num_samples / self.dist.world_size / d["batch_size"])
+        return max(1, batches // t["accum_steps"])
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -231,7 +235,9 @@ class Trainer:
         model = self.model
         was_training = model.training
         model.eval()
-        loader = self._loader(split, train=False)
+        if split not in self._eval_loaders:  # workers persist between evaluations
+            self._eval_loaders[split] = self._loader(split, train=False)
+        loader = self._eval_loaders[split]
         loss_sum = correct = count = 0.0
         for batch in loader:
             images, labels = _batch_parts(batch)
@@ -379,11 +385,20 @@ class Trainer:
         self.save()
         summary = self._summary(time.perf_counter() - started, timer)
         self.logger.close()
+        self.close()
         if self.dist.is_main:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             path = write_report(self.out_dir, summary=summary, title=f"mmblocks run: {self.cfg['name']}")
             print(f"report: {path}")
         return summary
+
+    def close(self) -> None:
+        """Stop the data-loader workers."""
+        for loader in [self.train_loader, *self._eval_loaders.values()]:
+            close = getattr(loader, "close", None)
+            if close is not None:
+                close()
+        self._eval_loaders.clear()
 
     def _summary(self, seconds: float, timer: StepTimer) -> dict[str, Any]:
         test_split = self.cfg["data"]["test_split"]

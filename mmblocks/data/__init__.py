@@ -1,0 +1,88 @@
+"""WebDataset data layer: shard writers with ``index.json``, offline datasets, and an exactly-once image loader.
+
+Write::
+
+    from mmblocks.data import make_dataset, write_from_folder
+    make_dataset("textures", "data/textures")                     # or "digits"
+    write_from_folder("photos/", "data/photos", split="train")    # photos/<class>/<image>
+
+Read::
+
+    from mmblocks.data import build_loader
+    loader = build_loader("data/textures", "train", batch_size=64, image_size=32, num_workers=2)
+    for batch in loader:  # Batch(image [B, 3, 32, 32] float32, label [B] int64, key list[str])
+        ...
+"""
+
+from .datasets import DATASETS, TEXTURE_PHOTOS, digits_splits, make_dataset, make_digits, make_textures, texture_splits
+from .loader import Batch, MissingKeyError, ShardDataset, ShardLoader, ShardSource, build_loader, resolve_shards
+from .schema import (
+    FORMAT_VERSION,
+    IMAGE_KEYS,
+    INDEX_NAME,
+    MODALITY_KEYS,
+    DatasetIndex,
+    ShardIndexError,
+    ShardInfo,
+    SplitInfo,
+    read_index,
+)
+from .shards import (
+    ShardWriteError,
+    from_folder,
+    from_manifest,
+    parse_size,
+    write_from_folder,
+    write_from_manifest,
+    write_shards,
+)
+from .tario import TarReadError, iter_samples
+from .transforms import (
+    BatchNormalizer,
+    ImageDecoder,
+    ToNormalizedTensor,
+    build_geometry,
+    build_transform,
+    default_mean_std,
+)
+
+__all__ = [
+    "DATASETS",
+    "FORMAT_VERSION",
+    "IMAGE_KEYS",
+    "INDEX_NAME",
+    "MODALITY_KEYS",
+    "TEXTURE_PHOTOS",
+    "Batch",
+    "BatchNormalizer",
+    "DatasetIndex",
+    "ImageDecoder",
+    "MissingKeyError",
+    "ShardDataset",
+    "ShardIndexError",
+    "ShardInfo",
+    "ShardLoader",
+    "ShardSource",
+    "ShardWriteError",
+    "SplitInfo",
+    "TarReadError",
+    "ToNormalizedTensor",
+    "build_geometry",
+    "build_loader",
+    "build_transform",
+    "default_mean_std",
+    "digits_splits",
+    "from_folder",
+    "from_manifest",
+    "iter_samples",
+    "make_dataset",
+    "make_digits",
+    "make_textures",
+    "parse_size",
+    "read_index",
+    "resolve_shards",
+    "texture_splits",
+    "write_from_folder",
+    "write_from_manifest",
+    "write_shards",
+]

@@ -1,0 +1,849 @@
+"""Read WebDataset image-classification shards: exact or resampled epochs over ranks x workers, batches of tensors.
+
+`build_loader` returns a `ShardLoader`; iterating it gives `Batch` named tuples::
+
+    loader = build_loader("data/textures", "train", batch_size=64, image_size=32)
+    for epoch in range(10):
+        loader.set_epoch(epoch)
+        for batch in loader:          # batch.image [B, 3, 32, 32] float32, batch.label [B] int64, batch.key list[str]
+            ...
+        print(loader.stats)           # {"epoch": 9, "samples": 5440, "skipped": 0, "shard_errors": 0, ...}
+
+Pipeline, in each DataLoader worker (open_clip's WDS pipeline, made exact): shard plan -> tar reading
+(`tario.iter_samples`, a strict and fast reader) -> seeded sample shuffle buffer on the raw bytes
+(`webdataset.shuffle`) -> key check -> decode (`webdataset.autodecode.Decoder` with the `ImageDecoder` handler)
+-> torchvision v2 geometry (crop/resize/flip) -> uint8 batch. The main process turns each uint8 batch into the
+normalised float batch in one vectorised op (into page-locked memory with ``pin_memory=True``): a quarter of the
+bytes cross the process boundary, and no tensor storage has to be handed over as a file descriptor (which costs a
+round trip to the worker's resource-sharer thread per batch). Workers persist across epochs (the epoch reaches them
+through shared memory) and are started with the parent's heap frozen out of the garbage collector, so that a
+forked worker does not copy it page by page.
+
+Exactly once per epoch. Let ``n = world_size * num_workers`` reading slots, slot ``rank * num_workers + worker``.
+All slots compute the same shard order (a permutation seeded by ``(seed, epoch)``, identity without shuffle), then:
+
+* ``partition="range"`` (the default when per-shard sample counts are known from ``index.json``): the shards in
+  that order are one sequence of ``N`` samples; slot ``g`` takes samples ``[g*N//n, (g+1)*N//n)``. It opens only
+  the shards that overlap its range (at most two of them partially), and every slot gets ``N//n`` or ``N//n + 1``
+  samples whatever the number of shards — fewer shards than slots included.
+* ``partition="shards"`` (the default for shards without counts, e.g. written by `webdataset.ShardWriter`): the
+  first ``(S // n) * n`` shards of the order go whole to the slots round-robin; each of the remaining ``S % n``
+  shards is read by every slot, which keeps the samples whose running index over those remaining shards is
+  ``g`` mod ``n``. With ``S`` a multiple of ``n`` this is plain shard splitting.
+
+Both are deterministic, cover every sample once and only once, and need no communication. Ranks may still end an
+exact epoch with different numbers of batches (each worker's last batch can be short, corrupt samples are
+dropped): for DDP use ``drop_last=True`` with a join-aware loop, or ``resampled=True`` with ``epoch_samples``,
+where every rank yields exactly ``len(loader)`` full batches. ``resampled=True``
+instead draws shards with replacement (weighted by their sample counts when known) from an RNG seeded by
+``(seed, epoch, slot)``, forever, or for ``epoch_samples`` samples (rounded up to whole batches per slot, so every
+rank yields the same number of batches, as DDP needs).
+
+Shuffling: shard order as above, then a sample buffer of ``shuffle_buffer`` raw samples per slot seeded by
+``(seed, epoch, slot)``; augmentation draws from a torch RNG seeded the same way (swapped in around each batch, so
+the caller's global RNG is untouched with ``num_workers=0``). Same seed and epoch: the same batches, bit for bit.
+
+Bad data. A sample whose image or label cannot be decoded (truncated or invalid bytes) is skipped and counted; a
+shard that cannot be read to its end (truncated, bad header checksum), or that holds fewer samples than
+``index.json`` says, counts as a ``shard_error`` (the sample being read when it broke is skipped). Counts
+travel from the workers to the main process with the batches (each batch carries the counts since the previous
+one, each worker ends with a counts-only item), so `ShardLoader.stats` is exact for any ``num_workers`` and
+live during the epoch; a warning with the first reasons is logged at the end of an epoch that skipped anything.
+A sample without ``cls`` or without an image key is not bad data but a wrong dataset: `MissingKeyError` names the
+key, the sample and the shard.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import math
+import multiprocessing as mp
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.autodecode import Decoder
+from webdataset.shardlists import expand_urls
+
+from .schema import IMAGE_KEYS, INDEX_NAME, LABEL_KEY, DatasetIndex, ShardIndexError, read_index
+from .tario import iter_samples, open_shard
+from .transforms import BatchNormalizer, ImageDecoder, _mean_std, build_geometry, to_uint8_hwc
+
+__all__ = [
+    "Batch",
+    "MissingKeyError",
+    "ShardDataset",
+    "ShardLoader",
+    "ShardSource",
+    "build_loader",
+    "plan_slot",
+    "resolve_shards",
+]
+
+logger = logging.getLogger("mmblocks.data")
+
+PARTITIONS = ("auto", "range", "shards")
+_MAX_REASONS = 5
+
+
+class MissingKeyError(KeyError):
+    """A sample lacks a required key (``cls``, or an image under ``jpg|jpeg|png|webp``).
+
+    The message names the missing key, the sample key, the shard and the keys the sample has.
+    """
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+class Batch(NamedTuple):
+    """One batch. ``image``: float32 ``[B, C, H, W]``, normalised; ``label``: int64 ``[B]``; ``key``: the sample keys.
+
+    Unpacks as ``image, label, key = batch``.
+    """
+
+    image: torch.Tensor
+    label: torch.Tensor
+    key: list[str]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            self.image.to(device, non_blocking=non_blocking), self.label.to(device, non_blocking=non_blocking), self.key
+        )
+
+
+# ------------------------------------------------------------------------------------------------ shard sources
+
+
+@dataclass
+class ShardSource:
+    """Resolved shards of a split: URLs (local paths or anything `webdataset.gopen` opens), per-shard sample
+    counts when known, and the folder's index when there is one."""
+
+    urls: list[str]
+    counts: list[int] | None = None
+    index: DatasetIndex | None = None
+    split: str | None = None
+
+    @property
+    def num_samples(self) -> int | None:
+        return None if self.counts is None else sum(self.counts)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return None if self.index is None else self.index.class_names
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def _check_local(urls: Sequence[str], sizes: Sequence[int] | None, where: str) -> None:
+    for i, url in enumerate(urls):
+        if _is_remote(url):
+            continue
+        path = Path(url)
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {url} not found ({where})")
+        if sizes is not None and path.stat().st_size != sizes[i]:
+            raise ShardIndexError(
+                f"{url} has {path.stat().st_size} bytes but {where} says {sizes[i]}: the index does not describe "
+                "these shards (rewritten without updating index.json?)"
+            )
+
+
+def _from_folder(folder: Path, split: str) -> ShardSource:
+    index = read_index(folder)
+    if index is not None:
+        info = index.split(split)
+        urls = [str(folder / s.name) for s in info.shards]
+        _check_local(urls, [s.bytes for s in info.shards], str(folder / INDEX_NAME))
+        return ShardSource(urls, [s.count for s in info.shards], index, split)
+    urls = sorted(str(p) for p in folder.glob(f"{split}-*.tar"))
+    if not urls:
+        urls = sorted(str(p) for p in folder.glob("*.tar"))
+        if not urls:
+            raise FileNotFoundError(f"{folder}: no index.json, no {split}-*.tar and no *.tar shards")
+        logger.info("%s has no index.json and no %s-*.tar: reading all %d *.tar files", folder, split, len(urls))
+    return ShardSource(urls, None, None, split)
+
+
+def _lookup_counts(urls: list[str]) -> tuple[list[int] | None, DatasetIndex | None]:
+    """Per-shard counts of local shards listed in the ``index.json`` beside them (all or nothing)."""
+    counts: list[int] = []
+    indexes: dict[Path, DatasetIndex | None] = {}
+    first: DatasetIndex | None = None
+    for url in urls:
+        if _is_remote(url):
+            return None, None
+        path = Path(url)
+        if path.parent not in indexes:
+            indexes[path.parent] = read_index(path.parent)
+        index = indexes[path.parent]
+        entry = None
+        if index is not None:
+            entry = next((s for info in index.splits.values() for s in info.shards if s.name == path.name), None)
+        if entry is None:
+            return None, None
+        _check_local([url], [entry.bytes], str(path.parent / INDEX_NAME))
+        counts.append(entry.count)
+        first = first or index
+    return counts, first
+
+
+def resolve_shards(root_or_shards: Any, split: str = "train") -> ShardSource:
+    """Find the shards of `split`.
+
+    Accepts a folder written by `write_shards` (uses its ``index.json``; without one, ``{split}-*.tar`` or else all
+    ``*.tar``), the ``index.json`` path itself, one ``.tar`` file, a brace pattern (``"d/train-{000000..000009}.tar"``,
+    ``::``-separated lists allowed) or a list of shard paths/URLs. Local shards listed in an ``index.json`` beside
+    them get their sample counts from it. Missing local shards and an index whose sizes do not match the files are
+    errors.
+    """
+    if isinstance(root_or_shards, str | os.PathLike) and not isinstance(root_or_shards, bytes):
+        text = os.fspath(root_or_shards)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            return _from_folder(path, split)
+        if path.is_file() and path.name == INDEX_NAME:
+            return _from_folder(path.parent, split)
+        urls = [text] if path.is_file() or _is_remote(text) else expand_urls(text)
+    elif isinstance(root_or_shards, list | tuple):
+        urls = [os.fspath(u) for u in root_or_shards]
+    else:
+        raise TypeError(f"root_or_shards must be a folder, a path, a pattern or a list, got {type(root_or_shards)}")
+    if not urls:
+        raise FileNotFoundError(f"no shards in {root_or_shards!r}")
+    _check_local(urls, None, f"given as {root_or_shards!r}")
+    counts, index = _lookup_counts(urls)
+    return ShardSource(urls, counts, index, split)
+
+
+# -------------------------------------------------------------------------------------------------- planning
+
+
+def _seed(*parts: Any) -> int:
+    """A 63-bit seed from any reprs, the same in every process (unlike `hash`)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def shard_order(num_shards: int, *, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The epoch's shard order, identical on every rank and worker."""
+    order = list(range(num_shards))
+    if shuffle:
+        random.Random(_seed("shards", seed, epoch)).shuffle(order)
+    return order
+
+
+@dataclass(frozen=True)
+class _Task:
+    shard: int  # index into the source's urls
+    start: int = 0
+    stop: int | None = None  # exclusive; None: to the end
+    interleave: bool = False  # keep only running-index % num_slots == slot
+
+
+def plan_slot(
+    counts: Sequence[int] | None, order: Sequence[int], slot: int, num_slots: int, partition: str = "auto"
+) -> list[_Task]:
+    """What reading slot `slot` of `num_slots` reads this epoch (see the module docstring for the schemes)."""
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+    if not 0 <= slot < num_slots:
+        raise ValueError(f"slot {slot} outside 0..{num_slots - 1}")
+    if partition == "range" and counts is None:
+        raise ValueError("partition='range' needs per-shard sample counts (an index.json beside the shards)")
+    if partition == "range" or (partition == "auto" and counts is not None):
+        assert counts is not None
+        total = sum(counts)
+        lo, hi = slot * total // num_slots, (slot + 1) * total // num_slots
+        tasks, offset = [], 0
+        for shard in order:
+            count = counts[shard]
+            start, stop = max(lo, offset), min(hi, offset + count)
+            if start < stop:
+                tasks.append(_Task(shard, start - offset, stop - offset))
+            offset += count
+        return tasks
+    whole = (len(order) // num_slots) * num_slots
+    tasks = [_Task(order[i]) for i in range(slot, whole, num_slots)]
+    return tasks + [_Task(order[i], interleave=True) for i in range(whole, len(order))]
+
+
+def slot_sizes(counts: Sequence[int], order: Sequence[int], num_slots: int, partition: str = "auto") -> list[int]:
+    """Samples each slot reads this epoch (counts known)."""
+    sizes = []
+    for slot in range(num_slots):
+        n = 0
+        tasks = plan_slot(counts, order, slot, num_slots, partition)
+        interleaved = sum(counts[t.shard] for t in tasks if t.interleave)
+        for t in tasks:
+            if not t.interleave:
+                n += (counts[t.shard] if t.stop is None else t.stop) - t.start
+        n += interleaved // num_slots + (1 if slot < interleaved % num_slots else 0)
+        sizes.append(n)
+    return sizes
+
+
+# --------------------------------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class _Stats:
+    samples: int = 0
+    skipped: int = 0
+    dropped: int = 0
+    shard_errors: int = 0
+    reasons: list[str] = field(default_factory=list)
+    reported: int = 0
+
+    def note(self, reason: str) -> None:
+        if len(self.reasons) + self.reported < _MAX_REASONS:
+            self.reasons.append(reason)
+
+    def take(self) -> dict[str, Any]:
+        delta = {
+            "samples": self.samples,
+            "skipped": self.skipped,
+            "dropped": self.dropped,
+            "shard_errors": self.shard_errors,
+            "reasons": self.reasons,
+        }
+        self.reported += len(self.reasons)
+        self.samples = self.skipped = self.dropped = self.shard_errors = 0
+        self.reasons = []
+        return delta
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _RawBatch(NamedTuple):
+    """What a worker sends: uint8 images ``[B, H, W, C]`` as numpy (pickled through the worker's pipe, which for
+    batches of small images costs less than passing tensor storages as file descriptors), int64 labels, keys."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    keys: list[str]
+
+
+class ShardDataset(IterableDataset):
+    """The per-worker pipeline, an `IterableDataset` of ``(_RawBatch | None, counts)``; `ShardLoader` turns the raw
+    batches into normalised `Batch` es."""
+
+    def __init__(
+        self,
+        source: ShardSource,
+        *,
+        batch_size: int,
+        geometry: Any,
+        channels: int = 3,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        resampled: bool = False,
+        epoch_samples: int | None = None,
+        partition: str = "auto",
+        shuffle_buffer: int = 2000,
+        shuffle_initial: int | None = None,
+        drop_last: bool = False,
+        num_classes: int | None = None,
+    ):
+        super().__init__()
+        if partition not in PARTITIONS:
+            raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+        if partition == "range" and source.counts is None:
+            raise ValueError("partition='range' needs per-shard sample counts (an index.json beside the shards)")
+        self.source = source
+        self.batch_size = batch_size
+        self.geometry = geometry
+        self.channels = channels
+        self.decoder = Decoder([ImageDecoder(channels)])
+        self.shuffle, self.seed = shuffle, seed
+        # shared memory: a persistent DataLoader worker sees set_epoch() without being restarted
+        self._epoch = mp.RawValue("q", int(epoch))
+        self.rank, self.world_size = rank, world_size
+        self.resampled, self.epoch_samples = resampled, epoch_samples
+        self.partition = partition
+        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_initial = shuffle_buffer // 4 if shuffle_initial is None else shuffle_initial
+        self.drop_last = drop_last
+        self.num_classes = num_classes
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.value = int(value)
+
+    # -- raw samples
+    def _shard_samples(
+        self, url: str, stats: _Stats, owner: bool = True, expected: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The raw samples of one shard (`tario.iter_samples`).
+
+        A read error (truncated shard, bad header) ends the shard: one ``shard_error``, and the sample in progress
+        counts as skipped. A shard that ends cleanly with fewer samples than its `expected` count (``index.json``)
+        is a shard error too. Several slots may read one shard; only its `owner` counts, so counts add up."""
+        n = 0
+        try:
+            with open_shard(url) as stream:
+                for sample in iter_samples(stream, url):
+                    n += 1
+                    yield sample
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except OSError as exn:  # TarReadError and I/O errors
+            if owner:
+                stats.shard_errors += 1
+                stats.skipped += getattr(exn, "lost", 0)
+                message = str(exn) if str(exn).startswith(url) else f"{url}: {exn}"
+                stats.note(f"{type(exn).__name__}: {message}")
+            return
+        if owner and expected is not None and n < expected:
+            stats.shard_errors += 1
+            stats.note(f"{url}: ended after {n} of {expected} samples")
+
+    def _epoch_samples(self, epoch: int, slot: int, num_slots: int, stats: _Stats) -> Iterator[dict[str, Any]]:
+        urls, counts = self.source.urls, self.source.counts
+        order = shard_order(len(urls), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+        running = 0  # index over the interleaved shards, the same in every slot
+        interleaved = 0
+        for task in plan_slot(counts, order, slot, num_slots, self.partition):
+            if task.interleave:  # read by every slot: the k-th such shard's errors are counted by slot k % n
+                owner = interleaved % num_slots == slot
+                interleaved += 1
+            else:  # the slot that reads to the end of the shard counts its errors
+                owner = task.stop is None or counts is None or task.stop == counts[task.shard]
+            expected = None if counts is None else counts[task.shard]
+            for i, sample in enumerate(self._shard_samples(urls[task.shard], stats, owner, expected)):
+                if task.interleave:
+                    running += 1
+                    if (running - 1) % num_slots == slot:
+                        yield sample
+                elif task.stop is not None and i >= task.stop:
+                    break
+                elif i >= task.start:
+                    yield sample
+
+    def _resampled_samples(self, epoch: int, slot: int, stats: _Stats) -> Iterator[dict[str, Any]]:
+        urls, counts = self.source.urls, self.source.counts
+        rng = random.Random(_seed("resample", self.seed, epoch, slot))
+        empty = 0
+        while True:
+            shard = rng.choices(range(len(urls)), weights=counts)[0]
+            n = 0
+            for sample in self._shard_samples(urls[shard], stats, True, None if counts is None else counts[shard]):
+                n += 1
+                yield sample
+            empty = 0 if n else empty + 1
+            if empty > 10 * len(urls):
+                raise RuntimeError(f"resampling read {empty} empty or unreadable shards in a row from {urls[:3]}...")
+
+    # -- decoding
+    def _prepare(self, sample: dict[str, Any], stats: _Stats) -> tuple[np.ndarray, int, str] | None:
+        key, url = sample.get("__key__"), sample.get("__url__")
+        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if image_key is None or LABEL_KEY not in sample:
+            present = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "none"
+            what = f"image key (one of {', '.join(IMAGE_KEYS)})" if image_key is None else f"key {LABEL_KEY!r}"
+            raise MissingKeyError(
+                f"missing {what} in sample {key!r} of shard {url}; the sample has: {present}"
+                + ("" if image_key is None else " (cls is the class label)")
+            )
+        try:
+            decoded = self.decoder({"__key__": key, image_key: sample[image_key], LABEL_KEY: sample[LABEL_KEY]})
+        except Exception as exn:  # truncated/invalid image, unparsable label: skip and count
+            cause = exn.__cause__ or exn
+            stats.skipped += 1
+            stats.note(f"{key} in {url}: {type(cause).__name__}: {cause}")
+            return None
+        label = decoded[LABEL_KEY]
+        if not isinstance(label, int) or (self.num_classes is not None and not 0 <= label < self.num_classes):
+            raise ValueError(
+                f"label {label!r} of sample {key!r} in shard {url} is outside 0..{(self.num_classes or 0) - 1}"
+            )
+        return to_uint8_hwc(self.geometry(decoded[image_key]), self.channels), label, key
+
+    @staticmethod
+    def _collate(items: list[tuple[np.ndarray, int, str]]) -> _RawBatch:
+        return _RawBatch(
+            np.stack([x for x, _, _ in items]),
+            np.array([y for _, y, _ in items], dtype=np.int64),
+            [k for *_, k in items],
+        )
+
+    def __iter__(self) -> Iterator[tuple[_RawBatch | None, dict[str, Any]]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
+        stats = _Stats()
+        epoch = self.epoch  # read once: set_epoch() during an iteration affects the next one
+        if self.resampled:
+            raw = self._resampled_samples(epoch, slot, stats)
+        else:
+            raw = self._epoch_samples(epoch, slot, num_slots, stats)
+        if self.shuffle and self.shuffle_buffer > 1:
+            rng = random.Random(_seed("buffer", self.seed, epoch, slot))
+            raw = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=rng)(raw)
+        max_batches = None
+        if self.resampled and self.epoch_samples is not None:
+            max_batches = math.ceil(math.ceil(self.epoch_samples / num_slots) / self.batch_size)
+
+        aug_state = torch.Generator().manual_seed(_seed("augment", self.seed, epoch, slot)).get_state()
+        batches = 0
+        while max_batches is None or batches < max_batches:
+            outer = torch.get_rng_state()
+            torch.set_rng_state(aug_state)
+            items: list[tuple[np.ndarray, int, str]] = []
+            try:
+                for sample in raw:
+                    item = self._prepare(sample, stats)
+                    if item is not None:
+                        items.append(item)
+                        if len(items) == self.batch_size:
+                            break
+            finally:
+                aug_state = torch.get_rng_state()
+                torch.set_rng_state(outer)
+            if len(items) == self.batch_size or (items and not self.drop_last):
+                stats.samples += len(items)
+                batches += 1
+                yield self._collate(items), stats.take()
+            else:
+                stats.dropped += len(items)
+            if len(items) < self.batch_size:
+                break
+        yield None, stats.take()
+
+
+# ---------------------------------------------------------------------------------------------------- loader
+
+
+class ShardLoader:
+    """Iterable over `Batch` es of one split for this rank; see the module docstring for the guarantees.
+
+    Attributes: ``num_samples`` (the split, all ranks; None when unknown), ``class_names``, ``num_classes``,
+    ``urls``, ``epoch``; ``len(loader)`` is the number of batches this rank yields per epoch (exact when sample
+    counts are known, before corrupt samples are skipped); ``stats`` the counts of the current/last epoch.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        multiprocessing_context: Any = None,
+        timeout: float = 0,
+        persistent_workers: bool = True,
+    ):
+        self.dataset = dataset
+        self.mean, self.std = _mean_std(dataset.channels, mean, std)
+        self.normalize = BatchNormalizer(self.mean, self.std)
+        self.num_workers = num_workers
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self._loader: DataLoader | None = None
+        self.pin_memory = bool(pin_memory)
+        self.prefetch_factor = prefetch_factor
+        self.multiprocessing_context = multiprocessing_context
+        self.timeout = timeout
+        self._stats: dict[str, Any] = self._fresh_stats()
+
+    # -- properties
+    @property
+    def source(self) -> ShardSource:
+        return self.dataset.source
+
+    @property
+    def urls(self) -> list[str]:
+        return list(self.source.urls)
+
+    @property
+    def num_samples(self) -> int | None:
+        return self.source.num_samples
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.source.class_names
+
+    @property
+    def num_classes(self) -> int | None:
+        names = self.class_names
+        return None if names is None else len(names)
+
+    @property
+    def batch_size(self) -> int:
+        return self.dataset.batch_size
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use `epoch` for the next iteration: it reseeds the shard order, the sample buffers and augmentation."""
+        self.dataset.epoch = int(epoch)
+
+    def _fresh_stats(self) -> dict[str, Any]:
+        return {
+            "epoch": self.dataset.epoch,
+            "samples": 0,
+            "skipped": 0,
+            "dropped": 0,
+            "shard_errors": 0,
+            "complete": False,
+            "reasons": [],
+        }
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """This rank's counts for the current (live) or last epoch: ``samples`` delivered, ``skipped`` (corrupt),
+        ``dropped`` (``drop_last`` remainders), ``shard_errors``, ``complete``, and the first few skip ``reasons``."""
+        return {**self._stats, "reasons": list(self._stats["reasons"])}
+
+    def global_stats(self) -> dict[str, Any]:
+        """`stats` summed over ranks (an all-reduce when torch.distributed is initialised; call it on every rank)."""
+        stats = self.stats
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return stats
+        keys = ("samples", "skipped", "dropped", "shard_errors")
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        counts = torch.tensor([stats[k] for k in keys], dtype=torch.long, device=device)
+        dist.all_reduce(counts)
+        return {**stats, **dict(zip(keys, counts.tolist()))}
+
+    def __len__(self) -> int:
+        d = self.dataset
+        workers = max(1, self.num_workers)
+        num_slots = d.world_size * workers
+        mine = range(d.rank * workers, (d.rank + 1) * workers)
+        if d.resampled:
+            if d.epoch_samples is None:
+                raise TypeError("a resampled loader without epoch_samples is infinite and has no len()")
+            return workers * math.ceil(math.ceil(d.epoch_samples / num_slots) / d.batch_size)
+        counts = d.source.counts
+        if counts is None:
+            raise TypeError("len() needs per-shard sample counts (an index.json beside the shards)")
+        order = shard_order(len(counts), seed=d.seed, epoch=d.epoch, shuffle=d.shuffle)
+        sizes = slot_sizes(counts, order, num_slots, d.partition)
+        rounding = math.floor if d.drop_last else math.ceil
+        return sum(rounding(sizes[s] / d.batch_size) for s in mine)
+
+    def _start(self, loader: DataLoader) -> Iterator[tuple[_RawBatch | None, dict[str, Any]]]:
+        """Start the workers with the parent's objects frozen out of the garbage collector: a forked worker's
+        collections then never walk (and so copy, page by page) the parent's heap, which otherwise costs a big
+        training process seconds per epoch. Skipped when the caller froze objects itself."""
+        if self.num_workers == 0 or gc.get_freeze_count() > 0:
+            return iter(loader)
+        gc.freeze()
+        try:
+            return iter(loader)
+        finally:
+            gc.unfreeze()
+
+    def _make_loader(self) -> DataLoader:
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs.update(
+                multiprocessing_context=self.multiprocessing_context,
+                timeout=self.timeout,
+                persistent_workers=self.persistent_workers,
+            )
+            if self.prefetch_factor is not None:
+                kwargs["prefetch_factor"] = self.prefetch_factor
+        return DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            pin_memory=False,  # numpy crosses the process boundary; _finish normalises into pinned memory if asked
+            # DataLoader draws worker base seeds from this, not from (and advancing) the global torch RNG
+            generator=torch.Generator().manual_seed(_seed("loader", self.dataset.seed)),
+            **kwargs,
+        )
+
+    def _finish(self, raw: _RawBatch) -> Batch:
+        """Normalise a worker's uint8 batch (in this process: one vectorised op per batch)."""
+        batch, height, width, channels = raw.images.shape
+        out = torch.empty((batch, channels, height, width), dtype=torch.float32, pin_memory=self.pin_memory)
+        return Batch(self.normalize(raw.images, out=out), torch.from_numpy(raw.labels), raw.keys)
+
+    def close(self) -> None:
+        """Stop persistent workers now (they also stop when the loader is garbage collected)."""
+        iterator = getattr(self._loader, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._loader = None
+
+    def __iter__(self) -> Iterator[Batch]:
+        stats = self._stats = self._fresh_stats()
+        if self._loader is None or not self.persistent_workers:
+            self._loader = self._make_loader()
+        batches = self._start(self._loader)
+        ok = False
+        try:
+            for batch, delta in batches:
+                for k in ("samples", "skipped", "dropped", "shard_errors"):
+                    stats[k] += delta[k]
+                stats["reasons"].extend(delta["reasons"][: _MAX_REASONS - len(stats["reasons"])])
+                if batch is not None:
+                    yield self._finish(batch)
+            ok = True
+        except GeneratorExit:  # the caller stopped early: persistent workers are reset by the next iteration
+            ok = True
+            raise
+        finally:
+            if not (ok and self.persistent_workers):
+                # Stop the workers now: a worker's exception keeps the iterator alive in its traceback, and a late
+                # shutdown waits seconds for workers to join.
+                shutdown = getattr(batches, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+                if not ok:
+                    self._loader = None
+        stats["complete"] = True
+        if stats["skipped"] or stats["shard_errors"]:
+            logger.warning(
+                "epoch %d (rank %d): skipped %d corrupt sample(s), %d shard read error(s), delivered %d; first: %s",
+                stats["epoch"],
+                self.dataset.rank,
+                stats["skipped"],
+                stats["shard_errors"],
+                stats["samples"],
+                "; ".join(stats["reasons"]),
+            )
+
+    def __repr__(self) -> str:
+        d = self.dataset
+        return (
+            f"ShardLoader({len(d.source.urls)} shards, split={d.source.split!r}, samples={self.num_samples}, "
+            f"batch_size={d.batch_size}, rank={d.rank}/{d.world_size}, workers={self.num_workers}, "
+            f"resampled={d.resampled}, epoch={d.epoch})"
+        )
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_loader(
+    root_or_shards: Any,
+    split: str = "train",
+    *,
+    batch_size: int,
+    image_size: int | tuple[int, int],
+    num_workers: int = 2,
+    shuffle: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+    resampled: bool = False,
+    epoch_samples: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    augment: Any = None,
+    drop_last: bool = False,
+    channels: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    partition: str = "auto",
+    shuffle_buffer: int = 2000,
+    shuffle_initial: int | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+    persistent_workers: bool = True,
+    multiprocessing_context: Any = None,
+) -> ShardLoader:
+    """A loader over the image-classification shards of `split` for this rank.
+
+    Args:
+        root_or_shards: a shard folder (with ``index.json``), an ``index.json``, a ``.tar``, a brace pattern or a list
+            of shards (`resolve_shards`).
+        split: the split to read from a folder.
+        batch_size: samples per batch (each worker fills its own batches; the last one of each worker may be short
+            unless `drop_last`).
+        image_size: output side (int) or ``(H, W)``.
+        num_workers: DataLoader worker processes (0 reads in the main process).
+        shuffle: shuffle shard order and samples (buffer of `shuffle_buffer`, starting after `shuffle_initial`,
+            default a quarter of it); False reads in shard order (evaluation).
+        seed, epoch: seed everything random; `ShardLoader.set_epoch` changes the epoch.
+        resampled: draw shards with replacement forever (step-based training); `epoch_samples` cuts it into
+            nominal epochs of that many samples over all ranks.
+        rank, world_size: this process's place; default from torch.distributed when initialised, else 0 and 1.
+        augment: None (``light`` for the ``train`` split, else none), ``light``/True, ``crop``, ``none``/False, a dict
+            or a callable (`build_transform`).
+        channels: 1 (grayscale) or 3 (RGB); images are converted.
+        mean, std: normalisation (default ImageNet for 3 channels, 0.5 for 1).
+        partition: ``auto``, ``range`` or ``shards`` (module docstring).
+        pin_memory: normalise each batch into page-locked memory (for ``batch.to("cuda", non_blocking=True)``).
+            Off by default: on an H200 host, 256 x 3 x 32 x 32 batches reached the GPU at ~4,000 img/s pinned
+            vs ~6,100 img/s from pageable memory (the page-locked allocation costs more than it saves there).
+        persistent_workers: keep the worker processes between epochs (the epoch reaches them through shared
+            memory); False starts fresh workers each epoch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    default_rank, default_world = _dist_rank_world()
+    rank = default_rank if rank is None else rank
+    world_size = default_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    if epoch_samples is not None and not resampled:
+        raise ValueError("epoch_samples is for resampled=True (exact epochs have the size of the split)")
+    source = resolve_shards(root_or_shards, split)
+    if source.index is not None and source.index.modality != "image":
+        raise ShardIndexError(f"these shards hold {source.index.modality!r} samples, not images")
+    geometry = build_geometry(image_size, train=split == "train", augment=augment)
+    names = source.class_names
+    dataset = ShardDataset(
+        source,
+        batch_size=batch_size,
+        geometry=geometry,
+        channels=channels,
+        shuffle=shuffle,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        resampled=resampled,
+        epoch_samples=epoch_samples,
+        partition=partition,
+        shuffle_buffer=shuffle_buffer,
+        shuffle_initial=shuffle_initial,
+        drop_last=drop_last,
+        num_classes=None if names is None else len(names),
+    )
+    return ShardLoader(
+        dataset,
+        mean=mean,
+        std=std,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+        multiprocessing_context=multiprocessing_context,
+        persistent_workers=persistent_workers,
+    )
