@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mmblocks import build_encoder
+from mmblocks.llm.sources import SMOLLM2_135M_SHAPE
 
 ARMS = (("ViT-Tiny", None), ("+ frozen SmolLM2 block", "frozen"), ("+ trainable block (same shape)", "full"))
 
@@ -42,15 +43,7 @@ class PeakRSS:
         self.thread.join()
 
 
-SMOLLM2_SHAPE = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    rms_norm_eps=1e-5,
-    vocab_size=49152,
-)
+SMOLLM2_SHAPE = SMOLLM2_135M_SHAPE
 
 
 def bench_arm(tune: str | None, args: argparse.Namespace) -> dict:

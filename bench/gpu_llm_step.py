@@ -18,18 +18,9 @@ import time
 import torch
 
 from mmblocks.llm import load_blocks
+from mmblocks.llm.sources import SMOLLM2_135M_SHAPE
 
-SMOLLM2 = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    rms_norm_eps=1e-5,
-    vocab_size=49152,
-    max_position_embeddings=8192,
-    rope_theta=100000.0,
-)
+SMOLLM2 = SMOLLM2_135M_SHAPE
 
 
 def cuda_time(fn, repeats: int, warmup: int) -> float:

@@ -33,6 +33,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 __all__ = [
     "OfflineModel",
+    "SMOLLM2_135M_SHAPE",
     "ResolvedSource",
     "SourceError",
     "cache_dir",
@@ -88,6 +89,20 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         ),
     ]
 }
+
+
+# SmolLM2-135M's shape, for `random:llama` controls and benchmarks that need its cost but not its weights.
+SMOLLM2_135M_SHAPE: dict[str, int | float] = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    rms_norm_eps=1e-5,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+)
 
 
 def list_offline_models() -> list[str]:
