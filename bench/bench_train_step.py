@@ -105,8 +105,8 @@ def main() -> None:
     parser.add_argument("--llm-source", default="smollm2-135m", help="or random:llama (SmolLM2 shapes, no weights)")
     args = parser.parse_args()
     print(
-        f"torch {torch.__version__}, {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, "
-        f"ViT-Tiny width 192 x {args.depth} blocks, 65 tokens"
+        f"torch {torch.__version__}, {args.device}, amp {args.amp}, threads {torch.get_num_threads()}, "
+        f"batch {args.batch}, ViT-Tiny width 192 x {args.depth} blocks, 65 tokens"
     )
     rows = [(name, bench_arm(tune, args)) for name, tune in ARMS]
     base = rows[0][1]
