@@ -52,10 +52,13 @@ def build_llm_stage(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], wi
     )
 
 
-def build_encoder(cfg: Mapping[str, Any] | str | os.PathLike, num_classes: int | None = None) -> MMEncoder:
-    """An `MMEncoder` from a config (a dict or a YAML path; validated here), printing nothing.
+def build_encoder(
+    cfg: Mapping[str, Any] | str | os.PathLike, num_classes: int | None = None, verbose: bool = True
+) -> MMEncoder:
+    """An `MMEncoder` from a config (a dict or a YAML path; validated here).
 
     ``num_classes``: overrides ``model.num_classes``; by default read from the shards' ``index.json``.
+    ``verbose``: print the table of trainable / frozen parameters per stage.
     """
     cfg = load_config(cfg)
     m = cfg["model"]
@@ -76,7 +79,10 @@ def build_encoder(cfg: Mapping[str, Any] | str | os.PathLike, num_classes: int |
     head = None
     if classes:
         head = ClassifierHead(backbone.embed_dim, classes, pool=m["head"]["pool"], dropout=m["head"]["dropout"])
-    return MMEncoder(backbone.make_tokenizer(), backbone, llm_stage, head, insert_at=m["insert_at"])
+    encoder = MMEncoder(backbone.make_tokenizer(), backbone, llm_stage, head, insert_at=m["insert_at"])
+    if verbose:
+        print(encoder.parameter_table())
+    return encoder
 
 
 def _preset(

@@ -106,7 +106,7 @@ class Trainer:
         ensure_dataset(self.cfg["data"], self.dist)
         if self.cfg["model"]["llm"]["seed"] is None:  # random-init controls must rebuild identically on resume
             self.cfg["model"]["llm"]["seed"] = t["seed"]
-        self.model = build_encoder(self.cfg).to(self.device)
+        self.model = build_encoder(self.cfg, verbose=self.dist.is_main).to(self.device)
         if self.model.head is None:
             raise ValueError("cannot train without a head: set model.num_classes or write shards with class names")
         if t["grad_checkpointing"]:
@@ -296,7 +296,6 @@ class Trainer:
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
-            print(self.model.parameter_table())
         self.logger = MetricsLogger(self.out_dir, tensorboard=t["tensorboard"], rank=self.dist.rank)
         started = time.perf_counter()
         timer = StepTimer(self.device, world_size=self.dist.world_size, skip_first=1)
