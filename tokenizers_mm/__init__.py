@@ -4,7 +4,17 @@ This package never imports `adapters` or `mmblocks` (dependencies flow tokenizer
 """
 
 from .image import ImagePatches
+from .points import PointGroups, farthest_point_sample, knn_group
 from .registry import create_tokenizer, list_tokenizers, register_tokenizer
 from .tokens import Tokens
 
-__all__ = ["ImagePatches", "Tokens", "create_tokenizer", "list_tokenizers", "register_tokenizer"]
+__all__ = [
+    "ImagePatches",
+    "PointGroups",
+    "Tokens",
+    "create_tokenizer",
+    "farthest_point_sample",
+    "knn_group",
+    "list_tokenizers",
+    "register_tokenizer",
+]

@@ -1,0 +1,108 @@
+"""Point-cloud grouping against NumPy references, and the `points` tokenizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tokenizers_mm import create_tokenizer
+from tokenizers_mm.points import PointGroups, farthest_point_sample, group_points, knn_group
+
+
+def numpy_fps(xyz: np.ndarray, n: int, start: int) -> np.ndarray:
+    """The textbook loop: keep each point's distance to the chosen set, take the farthest."""
+    chosen = [start]
+    dist = np.full(len(xyz), np.inf)
+    for _ in range(n - 1):
+        dist = np.minimum(dist, ((xyz - xyz[chosen[-1]]) ** 2).sum(-1))
+        chosen.append(int(dist.argmax()))
+    return np.array(chosen)
+
+
+def _clouds(b=3, p=400, seed=0) -> torch.Tensor:
+    return torch.rand(b, p, 3, generator=torch.Generator().manual_seed(seed)) * torch.tensor([2.0, 1.0, 0.5])
+
+
+@pytest.mark.parametrize("starts", [None, [0, 17, 399]])
+def test_fps_equals_numpy_reference(starts):
+    xyz = _clouds()
+    start = torch.tensor(starts) if starts is not None else None
+    ours = farthest_point_sample(xyz, 48, start=start)
+    for i in range(3):
+        ref = numpy_fps(xyz[i].double().numpy(), 48, starts[i] if starts else 0)
+        np.testing.assert_array_equal(ours[i].numpy(), ref)
+
+
+def test_fps_with_padding_equals_the_unpadded_cloud():
+    xyz = _clouds(b=2, p=300)
+    padded = torch.cat([xyz, torch.full((2, 100, 3), 50.0)], dim=1)  # far away: would win if not masked
+    mask = torch.ones(2, 400, dtype=torch.bool)
+    mask[:, 300:] = False
+    mask[1, 250:] = False  # a smaller second cloud
+    ours = farthest_point_sample(padded, 32, mask=mask)
+    np.testing.assert_array_equal(ours[0].numpy(), numpy_fps(xyz[0].double().numpy(), 32, 0))
+    np.testing.assert_array_equal(ours[1].numpy(), numpy_fps(xyz[1, :250].double().numpy(), 32, 0))
+    assert (ours < torch.tensor([[300], [250]])).all()
+
+
+def test_knn_equals_brute_force():
+    xyz = _clouds(b=2, p=500)
+    centers = xyz[:, ::25]
+    idx = knn_group(xyz, centers, 16)
+    for b in range(2):
+        d = ((centers[b, :, None].double() - xyz[b, None].double()) ** 2).sum(-1).numpy()
+        ref = np.argsort(d, axis=1, kind="stable")[:, :16]
+        np.testing.assert_array_equal(idx[b].numpy(), ref)
+
+
+def test_local_coordinates_are_centred_and_features_kept():
+    pts = torch.cat([_clouds(b=2, p=256), torch.rand(2, 256, 2)], dim=-1)  # xyz + 2 features
+    groups, centers, center_idx = group_points(pts, num_groups=8, group_size=12)
+    assert groups.shape == (2, 8, 12, 5) and centers.shape == (2, 8, 3)
+    torch.testing.assert_close(groups[:, :, 0, :3], torch.zeros(2, 8, 3))  # the centre is its own nearest point
+    rows = torch.arange(2)[:, None]
+    torch.testing.assert_close(groups[:, :, 0, 3:], pts[rows, center_idx][..., 3:])
+    torch.testing.assert_close(centers, pts[rows, center_idx][..., :3])
+
+
+def test_tokenizer_shapes_positions_and_gradients():
+    tok = create_tokenizer("points", num_groups=16, group_size=8, embed_dim=32)
+    assert isinstance(tok, PointGroups)
+    pts = _clouds(b=2, p=256).requires_grad_(False)
+    out = tok(pts)
+    assert out.x.shape == (2, 17, 32) and out.num_prefix == 1 and out.modality == "points"
+    assert out.pos.shape == (2, 17, 3) and torch.all(out.pos[:, 0] == 0)
+    out.x.sum().backward()
+    assert tok.encoder.first[0].weight.grad is not None and tok.pos_mlp[0].weight.grad is not None
+
+
+def test_tokenizer_padding_equals_unpadded_in_eval():
+    tok = PointGroups(num_groups=8, group_size=8, embed_dim=16).eval()
+    xyz = _clouds(b=1, p=120)
+    padded = torch.cat([xyz, torch.zeros(1, 30, 3)], dim=1)
+    mask = torch.ones(1, 150, dtype=torch.bool)
+    mask[:, 120:] = False
+    with torch.no_grad():
+        torch.testing.assert_close(tok(padded, mask=mask).x, tok(xyz).x)
+
+
+@pytest.mark.parametrize(
+    ("points", "kw", "match"),
+    [
+        (torch.rand(1, 20, 3), {}, "fewer than"),
+        (torch.rand(1, 100, 4), {}, r"points must be \[B, P, 3\]"),
+        (torch.full((1, 100, 3), float("nan")), {}, "NaN"),
+    ],
+)
+def test_bad_clouds_are_clear_errors(points, kw, match):
+    tok = PointGroups(num_groups=32, group_size=32, embed_dim=16)
+    with pytest.raises(ValueError, match=match):
+        tok(points, **kw)
+
+
+def test_empty_cloud_after_masking_is_an_error():
+    mask = torch.zeros(1, 100, dtype=torch.bool)
+    mask[0, :5] = True
+    with pytest.raises(ValueError, match="5 real points, fewer than"):
+        farthest_point_sample(torch.rand(1, 100, 3), 8, mask=mask)
