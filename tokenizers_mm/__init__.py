@@ -3,16 +3,21 @@
 This package never imports `adapters` or `mmblocks` (dependencies flow tokenizers_mm <- adapters <- mmblocks).
 """
 
+from .audio import AudioFrames, AudioPatches, fbank, fbank_with_lengths
 from .image import ImagePatches
 from .points import PointGroups, farthest_point_sample, knn_group
 from .registry import create_tokenizer, list_tokenizers, register_tokenizer
 from .tokens import Tokens
 
 __all__ = [
+    "AudioFrames",
+    "AudioPatches",
     "ImagePatches",
     "PointGroups",
     "Tokens",
     "create_tokenizer",
+    "fbank",
+    "fbank_with_lengths",
     "farthest_point_sample",
     "knn_group",
     "list_tokenizers",
