@@ -106,3 +106,44 @@ def test_empty_cloud_after_masking_is_an_error():
     mask[0, :5] = True
     with pytest.raises(ValueError, match="5 real points, fewer than"):
         farthest_point_sample(torch.rand(1, 100, 3), 8, mask=mask)
+
+
+def _point_encoder(llm_blocks=None):
+    from adapters import create_adapter
+    from mmblocks.heads import ClassifierHead
+    from mmblocks.models import LLMStage, MMEncoder, PointTransformer
+
+    torch.manual_seed(0)
+    tok = PointGroups(num_groups=16, group_size=8, embed_dim=32, add_pos=False)
+    backbone = PointTransformer(embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0)
+    stage = None
+    if llm_blocks is not None:
+        d = llm_blocks.hidden_size
+        stage = LLMStage(create_adapter("linear", 32, d), llm_blocks, create_adapter("linear", d, 32))
+    return MMEncoder(tok, backbone, stage, ClassifierHead(32, 4), insert_at=1 if stage else None)
+
+
+def test_point_transformer_adds_positions_before_every_block():
+    enc = _point_encoder().eval()
+    pts = _clouds(b=2, p=200)
+    with torch.no_grad():
+        tokens = enc.tokenizer(pts)
+        pos = enc.backbone.block_positions(tokens)
+        x = tokens.x
+        for blk in enc.backbone.blocks:  # Point-BERT: x = block(x + pos), every block
+            x = blk(x + pos)
+        torch.testing.assert_close(enc.forward_features(pts).x, enc.backbone.norm(x))
+        torch.testing.assert_close(enc.backbone(tokens).x, x)
+    assert tokens.pos.shape == (2, 17, 3) and enc.tokenizer.pos_mlp is None
+
+
+def test_point_encoder_with_frozen_llm_block_trains_the_rest(tiny_checkpoint):
+    from mmblocks.llm import load_blocks
+
+    enc = _point_encoder(load_blocks(tiny_checkpoint("llama"), [-1])).train()
+    assert enc.layer_names() == ["block.0", "llm", "block.1"]
+    logits = enc(_clouds(b=3, p=200))
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
+    assert all(p.grad is None for p in enc.llm_stage.blocks.parameters())
+    assert enc.backbone.pos_mlp[0].weight.grad.abs().sum() > 0
+    assert enc.tokenizer.encoder.first[0].weight.grad.abs().sum() > 0

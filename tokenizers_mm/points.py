@@ -13,7 +13,7 @@ from torch import nn
 from .registry import register_tokenizer
 from .tokens import Tokens
 
-__all__ = ["farthest_point_sample", "knn_group", "group_points", "PointGroups"]
+__all__ = ["farthest_point_sample", "knn_group", "group_points", "centre_positions", "PointGroups"]
 
 
 def _check_xyz(xyz: torch.Tensor, name: str = "xyz") -> None:
@@ -147,6 +147,16 @@ class MiniPointNet(nn.Module):
         return f.amax(dim=2)
 
 
+def centre_positions(pos_mlp: nn.Module, cls_pos: torch.Tensor | None, tokens: Tokens) -> torch.Tensor:
+    """``pos_mlp`` over the group centres in ``tokens.pos``, with ``cls_pos`` for the prefix token. ``[B, N, D]``."""
+    pos = pos_mlp(tokens.pos[:, tokens.num_prefix :])
+    if tokens.num_prefix:
+        if cls_pos is None:
+            raise ValueError("tokens have a prefix token but no learned position was given for it")
+        pos = torch.cat([cls_pos.expand(pos.shape[0], -1, -1), pos], dim=1)
+    return pos
+
+
 @register_tokenizer("points")
 class PointGroups(nn.Module):
     """Point-BERT / Point-MAE tokenizer: FPS `num_groups` centres, kNN `group_size` neighbours, local
@@ -182,9 +192,10 @@ class PointGroups(nn.Module):
         self.num_groups, self.group_size, self.embed_dim = num_groups, group_size, embed_dim
         self.in_channels, self.add_pos = in_channels, add_pos
         self.encoder = MiniPointNet(in_channels, embed_dim)
-        self.pos_mlp = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, embed_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.cls_pos = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02) if class_token else None
+        # positions live here only when added here; a backbone that adds them at every block owns its own
+        self.pos_mlp = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, embed_dim)) if add_pos else None
+        self.cls_pos = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02) if class_token and add_pos else None
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -192,10 +203,9 @@ class PointGroups(nn.Module):
 
     def position_embedding(self, tokens: Tokens) -> torch.Tensor:
         """Centre-MLP positions for every token ``[B, N, D]`` (the cls token gets its learned position)."""
-        pos = self.pos_mlp(tokens.pos[:, tokens.num_prefix :])
-        if self.cls_pos is not None:
-            pos = torch.cat([self.cls_pos.expand(pos.shape[0], -1, -1), pos], dim=1)
-        return pos
+        if self.pos_mlp is None:
+            raise ValueError("this tokenizer was built with add_pos=False: its backbone owns the positions")
+        return centre_positions(self.pos_mlp, self.cls_pos, tokens)
 
     def forward(self, points: torch.Tensor, mask: torch.Tensor | None = None) -> Tokens:
         if points.dim() != 3 or points.shape[-1] != self.in_channels:

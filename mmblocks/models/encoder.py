@@ -94,18 +94,27 @@ class MMEncoder(nn.Module):
         if self.llm_stage is not None:
             self.llm_stage.blocks.set_gradient_checkpointing(enable)
 
-    def _run(self, name: str, module: nn.Module, tokens: Tokens) -> Tokens:
+    def _run(self, name: str, module: nn.Module, tokens: Tokens, pos: torch.Tensor | None) -> Tokens:
         if name == "llm":
             return module(tokens)
+        x = tokens.x
+        if pos is not None:  # Point-BERT style: positions re-added before every backbone block
+            if pos.shape != x.shape:
+                raise ValueError(
+                    f"backbone positions {tuple(pos.shape)} do not match the tokens {tuple(x.shape)}: a stage "
+                    "before this block changed the token count or width"
+                )
+            x = x + pos
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return tokens.with_x(checkpoint(module, tokens.x, use_reentrant=False))
-        return tokens.with_x(module(tokens.x))
+            return tokens.with_x(checkpoint(module, x, use_reentrant=False))
+        return tokens.with_x(module(x))
 
-    def _start(self, inputs: torch.Tensor) -> Tokens:
+    def _start(self, inputs: torch.Tensor) -> tuple[Tokens, torch.Tensor | None]:
         tokens = self.tokenizer(inputs)
         if self.backbone is not None and hasattr(self.backbone, "norm_pre"):
             tokens = tokens.with_x(self.backbone.norm_pre(tokens.x))
-        return tokens
+        pos = self.backbone.block_positions(tokens) if hasattr(self.backbone, "block_positions") else None
+        return tokens, pos
 
     def _final_norm(self, tokens: Tokens) -> Tokens:
         if self.backbone is not None and hasattr(self.backbone, "norm"):
@@ -115,9 +124,9 @@ class MMEncoder(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward_features(self, inputs: torch.Tensor) -> Tokens:
         """Raw input -> final (normed) `Tokens`."""
-        tokens = self._start(inputs)
+        tokens, pos = self._start(inputs)
         for name, module in self._layers():
-            tokens = self._run(name, module, tokens)
+            tokens = self._run(name, module, tokens, pos)
         return self._final_norm(tokens)
 
     def forward_head(self, tokens: Tokens) -> torch.Tensor:
@@ -147,10 +156,10 @@ class MMEncoder(nn.Module):
         bad = [i for i in take if not 0 <= i < len(names)]
         if bad:
             raise IndexError(f"intermediate indices {bad} out of range for {len(names)} layers {names}")
-        tokens = self._start(inputs)
+        tokens, pos = self._start(inputs)
         out: list[Tokens] = []
         for i, (name, module) in enumerate(self._layers()):
-            tokens = self._run(name, module, tokens)
+            tokens = self._run(name, module, tokens, pos)
             if i in take:
                 out.append(self._final_norm(tokens) if norm else tokens)
         return self._final_norm(tokens), out
