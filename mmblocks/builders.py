@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from adapters import create_adapter
@@ -22,11 +20,10 @@ _BACKBONE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "
 
 def num_classes_from_data(data_cfg: Mapping[str, Any]) -> int | None:
     """Class count from the shards' ``index.json`` (None when the shards do not exist yet)."""
-    index = Path(data_cfg["root"]) / "index.json"
-    if not index.is_file():
-        return None
-    names = json.loads(index.read_text()).get("class_names")
-    return len(names) if names else None
+    from .data import read_index
+
+    index = read_index(data_cfg["root"])
+    return len(index.class_names) if index is not None and index.class_names else None
 
 
 def build_llm_stage(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], width: int) -> LLMStage:

@@ -152,10 +152,6 @@ def _path(parts: Sequence[str]) -> str:
     return ".".join(parts) or "<root>"
 
 
-def _defaults(schema: Schema) -> dict[str, Any]:
-    return {k: _defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default) for k, v in schema.items()}
-
-
 def _check_value(field: Field, value: Any, where: str) -> Any:
     if value is None:
         if field.nullable or field.default is None:
@@ -269,6 +265,3 @@ def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequen
 def dump_config(cfg: Mapping[str, Any]) -> str:
     """The config as YAML (what a run saves beside its checkpoints)."""
     return yaml.safe_dump(dict(cfg), sort_keys=False)
-
-
-DEFAULTS = _defaults(SCHEMA)

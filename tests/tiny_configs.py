@@ -19,18 +19,20 @@ COMMON: dict[str, Any] = dict(
     eos_token_id=2,
 )
 
-ENCODER: dict[str, Any] = dict(
+SMALL: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=4,
     num_attention_heads=4,
     vocab_size=128,
     max_position_embeddings=256,
-    pad_token_id=1,
 )
+ENCODER: dict[str, Any] = dict(SMALL, pad_token_id=1)  # RoBERTa-style position ids start after the pad id
+GPT2: dict[str, Any] = dict(n_embd=64, n_layer=4, n_head=4, n_inner=128, n_positions=256, vocab_size=128)
 
 TINY: dict[str, dict[str, Any]] = {
-    "gpt2": dict(n_embd=64, n_layer=4, n_head=4, n_inner=128, n_positions=256, vocab_size=128),
+    "gpt2": GPT2,
+    "gpt-sw3": GPT2,
     "opt": dict(
         hidden_size=64,
         ffn_dim=128,
@@ -40,32 +42,11 @@ TINY: dict[str, dict[str, Any]] = {
         vocab_size=128,
         max_position_embeddings=256,
     ),
-    "gpt_neox": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        vocab_size=128,
-        max_position_embeddings=256,
-        rotary_pct=0.5,
-    ),
-    "bert": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        vocab_size=128,
-        max_position_embeddings=256,
-    ),
-    "phi": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        vocab_size=128,
-        max_position_embeddings=256,
-        partial_rotary_factor=0.5,
-    ),
+    "gpt_neox": dict(SMALL, rotary_pct=0.5),
+    "bert": SMALL,
+    **{name: ENCODER for name in ("roberta", "xlm-roberta", "camembert", "data2vec-text")},
+    "electra": dict(ENCODER, embedding_size=32),
+    "phi": dict(SMALL, partial_rotary_factor=0.5),
     "phi3": dict(COMMON, partial_rotary_factor=0.5, pad_token_id=0),
     # sliding windows shorter than the test sequence, so the per-layer masks are exercised
     "mistral": dict(COMMON, sliding_window=4),

@@ -29,8 +29,6 @@ from .schema import (
 )
 from .shards import (
     ShardWriteError,
-    from_folder,
-    from_manifest,
     parse_size,
     write_from_folder,
     write_from_manifest,
@@ -72,8 +70,6 @@ __all__ = [
     "build_transform",
     "default_mean_std",
     "digits_splits",
-    "from_folder",
-    "from_manifest",
     "iter_samples",
     "make_dataset",
     "make_digits",

@@ -54,8 +54,6 @@ from .schema import (
 __all__ = [
     "FILE_EXTENSIONS",
     "ShardWriteError",
-    "from_folder",
-    "from_manifest",
     "parse_size",
     "write_from_folder",
     "write_from_manifest",
@@ -493,6 +491,34 @@ def _shuffled(entries: list[_Entry], shuffle: bool, seed: int) -> list[_Entry]:
     return entries
 
 
+def _write_entries(
+    entries: list[_Entry],
+    out: Path,
+    split: str,
+    names: Sequence[str],
+    *,
+    modality: str,
+    reencode: str | None,
+    max_count: int,
+    max_bytes: int | str,
+    command: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """The shared end of the folder and manifest writers: the entries, in order, as shards of `split`."""
+    return write_shards(
+        _entry_samples(entries, split, modality, reencode, names),
+        out,
+        split,
+        max_count=max_count,
+        max_bytes=max_bytes,
+        modality=modality,
+        class_names=names,
+        command=command,
+        total=len(entries),
+        progress=progress,
+    )
+
+
 def write_from_folder(
     folder: str | os.PathLike,
     out: str | os.PathLike,
@@ -528,18 +554,17 @@ def write_from_folder(
     found, files = _scan_folder(folder, modality, reencode)
     names, lookup = _resolve_class_names(class_names, out, found, str(folder))
     entries = [_Entry(path, lookup[cls], None, path.relative_to(folder).as_posix()) for path, cls in files]
-    entries = _shuffled(entries, shuffle, seed)
     command = command or _default_command("write_from_folder", folder=str(folder), out=str(out), split=split)
-    return write_shards(
-        _entry_samples(entries, split, modality, reencode, names),
+    return _write_entries(
+        _shuffled(entries, shuffle, seed),
         out,
         split,
+        names,
+        modality=modality,
+        reencode=reencode,
         max_count=max_count,
         max_bytes=max_bytes,
-        modality=modality,
-        class_names=names,
         command=command,
-        total=len(entries),
         progress=progress,
     )
 
@@ -663,22 +688,16 @@ def write_from_manifest(
         else:
             raise ShardWriteError(f"{manifest}:{line_no}: unknown label {text!r} (class names: {names[:10]}...)")
         entries.append(_Entry(path, index, caption, ref))
-    entries = _shuffled(entries, shuffle, seed)
     command = command or _default_command("write_from_manifest", manifest=str(manifest), out=str(out), split=split)
-    return write_shards(
-        _entry_samples(entries, split, modality, reencode, names),
+    return _write_entries(
+        _shuffled(entries, shuffle, seed),
         out,
         split,
+        names,
+        modality=modality,
+        reencode=reencode,
         max_count=max_count,
         max_bytes=max_bytes,
-        modality=modality,
-        class_names=names,
         command=command,
-        total=len(entries),
         progress=progress,
     )
-
-
-#: Short aliases.
-from_folder = write_from_folder
-from_manifest = write_from_manifest

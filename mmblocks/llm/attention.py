@@ -52,8 +52,6 @@ def build_attention_mask(
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {mode!r}")
     builder = mu.ALL_MASK_ATTENTION_FUNCTIONS.get(attn_implementation, mu.sdpa_mask)
-    if padding_mask is not None and bool(padding_mask.all()):
-        padding_mask = None
     return builder(
         batch_size=batch_size,
         q_length=num_tokens,

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tokenizers_mm import Tokens
 
+from ..params import parameter_table
 from .attention import ATTENTION_MODES, build_attention_mask, set_causal_flags
 from .families import FamilySpec
 
@@ -84,7 +85,7 @@ class LLMBlocks(nn.Module):
         self.supported_attn_implementations: list[str] | None = None
         self.aux_loss: torch.Tensor | float = 0.0
         self._always_eval: list[nn.Module] = []
-        self._pos_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pos_cache: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.attention = attention
 
     # ------------------------------------------------------------------ configuration
@@ -148,6 +149,7 @@ class LLMBlocks(nn.Module):
 
     # ------------------------------------------------------------------ per-forward layer arguments
     def _positions(self, n: int, device: torch.device, dtype: torch.dtype, layer_type: str):
+        """``(position_ids [1, N], (cos, sin))`` for a layer type, cached per length, device and dtype."""
         key = (n, device, dtype, layer_type, self.rope)
         cached = self._pos_cache.get(key)
         if cached is not None:
@@ -163,8 +165,8 @@ class LLMBlocks(nn.Module):
             cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
         if len(self._pos_cache) > 16:
             self._pos_cache.clear()
-        self._pos_cache[key] = (cos, sin)
-        return cos, sin
+        self._pos_cache[key] = (position_ids, (cos, sin))
+        return self._pos_cache[key]
 
     def layer_kwargs(
         self,
@@ -192,8 +194,9 @@ class LLMBlocks(nn.Module):
                 )
             }
             if self.rotary is not None:
-                kwargs["position_embeddings"] = self._positions(num_tokens, device, dtype, layer_type)
-                kwargs["position_ids"] = torch.arange(num_tokens, device=device).unsqueeze(0)
+                position_ids, cos_sin = self._positions(num_tokens, device, dtype, layer_type)
+                kwargs["position_embeddings"] = cos_sin
+                kwargs["position_ids"] = position_ids
             out[layer_type] = kwargs
         return out
 
@@ -252,16 +255,7 @@ class LLMBlocks(nn.Module):
 
     def parameter_table(self) -> str:
         """A table of trainable and frozen parameters per layer."""
-        rows = []
-        for name, module in self.parameter_groups():
-            trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-            frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-            rows.append((name, trainable, frozen))
-        rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
-        width = max(len(r[0]) for r in rows)
-        lines = [f"{'stage':<{width}}  {'trainable':>12}  {'frozen':>12}", "-" * (width + 28)]
-        lines += [f"{name:<{width}}  {t:>12,}  {f:>12,}" for name, t, f in rows]
-        return "\n".join(lines)
+        return parameter_table(self.parameter_groups())
 
     def extra_repr(self) -> str:
         return (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from collections.abc import Iterable, Sequence
@@ -106,7 +107,7 @@ def _materialize_random(module: nn.Module, base: nn.Module, generator_seed: int 
         for name, p in list(sub._parameters.items()):
             if p is not None and p.is_meta:
                 sub._parameters[name] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
-    ctx = torch.random.fork_rng(devices=[]) if generator_seed is not None else _nullcontext()
+    ctx = torch.random.fork_rng(devices=[]) if generator_seed is not None else contextlib.nullcontext()
     with ctx:
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
@@ -118,14 +119,6 @@ def _materialize_random(module: nn.Module, base: nn.Module, generator_seed: int 
                     for p in sub.parameters(recurse=False):
                         p.fill_(0.0 if "Gemma" in type(sub).__name__ else 1.0)
             type(base)._init_weights(base, sub)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def load_blocks(

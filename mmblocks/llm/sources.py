@@ -154,7 +154,6 @@ def convert_gguf_to_safetensors(gguf_path: Path, target: Path) -> Path:
     interrupted conversion never leaves a half-written model behind.
     """
     from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM
 
     model = _load_gguf_model(gguf_path)
     config = model.config
@@ -175,7 +174,6 @@ def convert_gguf_to_safetensors(gguf_path: Path, target: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    del model, AutoModelForCausalLM
     return target
 
 

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from tokenizers_mm import Tokens
 
 from ..llm import LLMBlocks
+from ..params import parameter_table
 
 __all__ = ["LLMStage", "MMEncoder"]
 
@@ -189,20 +190,4 @@ class MMEncoder(nn.Module):
 
     def parameter_table(self) -> str:
         """Trainable and frozen parameters per stage."""
-        rows = []
-        for name, module in self.stages():
-            if module is None:
-                continue
-            params = list(module.parameters())
-            rows.append(
-                (
-                    name,
-                    sum(p.numel() for p in params if p.requires_grad),
-                    sum(p.numel() for p in params if not p.requires_grad),
-                )
-            )
-        rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
-        w = max(len(r[0]) for r in rows)
-        lines = [f"{'stage':<{w}}  {'trainable':>12}  {'frozen':>12}", "-" * (w + 28)]
-        lines += [f"{n:<{w}}  {t:>12,}  {f:>12,}" for n, t, f in rows]
-        return "\n".join(lines)
+        return parameter_table((name, module) for name, module in self.stages() if module is not None)

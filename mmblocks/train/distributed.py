@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "all_reduce_min", "barrier", "broadcast_object"]
+__all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "all_reduce_min", "barrier"]
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,3 @@ def all_reduce_min(value: int, device: torch.device) -> int:
 def barrier() -> None:
     if _active():
         dist.barrier()
-
-
-def broadcast_object(obj: object) -> object:
-    if not _active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

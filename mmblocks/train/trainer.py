@@ -46,19 +46,6 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
-def _batch_parts(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, Mapping):
-        return batch["image"], batch["label"]
-    if hasattr(batch, "image"):
-        return batch.image, batch.label
-    return batch[0], batch[1]
-
-
 def ensure_dataset(data_cfg: Mapping[str, Any], dist_info: DistInfo) -> None:
     """Make the offline dataset into ``data.root`` when it is named and missing (rank 0 writes, others wait)."""
     root = Path(data_cfg["root"])
@@ -238,17 +225,20 @@ class Trainer:
         if split not in self._eval_loaders:  # workers persist between evaluations
             self._eval_loaders[split] = self._loader(split, train=False)
         loader = self._eval_loaders[split]
-        loss_sum = correct = count = 0.0
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, correct; one sync at the end
+        count = 0
         for batch in loader:
-            images, labels = _batch_parts(batch)
-            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            images, labels = (
+                batch.image.to(self.device, non_blocking=True),
+                batch.label.to(self.device, non_blocking=True),
+            )
             with self._autocast():
                 logits = model(images)
-            loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-            correct += float((logits.argmax(-1) == labels).sum())
+            totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
+            totals[1] += (logits.argmax(-1) == labels).sum()
             count += labels.numel()
-        skipped = float(getattr(loader, "stats", {}).get("skipped", 0)) if hasattr(loader, "stats") else 0.0
-        loss_sum, correct, count, skipped = all_reduce_sum([loss_sum, correct, count, skipped], self.device)
+        skipped = float(loader.global_stats()["skipped"])
+        loss_sum, correct, count = all_reduce_sum([*totals.tolist(), count], self.device)
         model.train(was_training)
         if count == 0:
             raise RuntimeError(f"split {split!r} of {self.cfg['data']['root']} yielded no samples")
@@ -262,7 +252,8 @@ class Trainer:
             next(it, None)
         yield from it
 
-    def _micro_step(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> tuple[float, float]:
+    def _micro_step(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward + backward of one micro-batch; returns the detached loss and accuracy (no host sync)."""
         ctx = self.ddp_model.no_sync() if (self.dist.distributed and not sync) else nullcontext()
         with ctx:
             with self._autocast():
@@ -271,13 +262,13 @@ class Trainer:
                 aux = self.model.aux_loss
                 total = loss + aux if isinstance(aux, torch.Tensor) else loss
             (total / self.cfg["train"]["accum_steps"]).backward()
-        return float(loss.detach()), float((logits.argmax(-1) == labels).float().mean())
+        return loss.detach(), (logits.argmax(-1) == labels).float().mean()
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> torch.Tensor | float:
         clip = self.cfg["train"]["grad_clip"]
-        grad_norm = float("nan")
+        grad_norm: torch.Tensor | float = float("nan")
         if clip:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -328,9 +319,8 @@ class Trainer:
                 timer.data_done()
                 samples = 0
                 for i, batch in enumerate(micro):
-                    images, labels = _batch_parts(batch)
-                    images = images.to(self.device, non_blocking=True)
-                    labels = labels.to(self.device, non_blocking=True)
+                    images = batch.image.to(self.device, non_blocking=True)
+                    labels = batch.label.to(self.device, non_blocking=True)
                     loss, acc = self._micro_step(images, labels, sync=i == len(micro) - 1)
                     run_loss, run_acc, n_micro = run_loss + loss, run_acc + acc, n_micro + 1
                     samples += labels.numel()
@@ -342,10 +332,10 @@ class Trainer:
                 if self.step % t["log_every"] == 0 or self.step == self.total_steps:
                     perf = timer.summary()
                     metrics = {
-                        "loss": run_loss / max(n_micro, 1),
-                        "acc": run_acc / max(n_micro, 1),
+                        "loss": float(run_loss) / max(n_micro, 1),
+                        "acc": float(run_acc) / max(n_micro, 1),
                         "lr": self.optimizer.param_groups[0]["lr"],
-                        "grad_norm": grad_norm,
+                        "grad_norm": float(grad_norm),
                         "epoch": self.epoch,
                         **perf,
                     }
@@ -364,8 +354,7 @@ class Trainer:
                     f"epoch {self.epoch} of {self.cfg['data']['root']} gave no full batch on some rank: "
                     "fewer samples than batch_size x world_size x accum_steps?"
                 )
-            skipped = float(getattr(self.train_loader, "stats", {}).get("skipped", 0))
-            skipped = all_reduce_sum([skipped], self.device)[0]
+            skipped = float(self.train_loader.global_stats()["skipped"])
             self.skipped_total += int(skipped)
             finished_epoch = self.epoch
             self.epoch += 1
@@ -444,13 +433,10 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """`mmblocks eval CONFIG --checkpoint CKPT`: load the trainable weights and evaluate val/test."""
     trainer = Trainer(config, overrides)
-    path = Path(checkpoint)
-    if path.is_dir() and (path / "latest").exists():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"no complete checkpoint under {path}")
-        path = found
-    trainer.load(path)
+    trainer.load(Path(checkpoint))  # a step-* folder, or a checkpoints folder (its latest)
     d = trainer.cfg["data"]
     names = splits or tuple(s for s in (d["val_split"], d["test_split"]) if s)
-    return {split: trainer.evaluate(split) for split in names}
+    try:
+        return {split: trainer.evaluate(split) for split in names}
+    finally:
+        trainer.close()
