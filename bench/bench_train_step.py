@@ -43,14 +43,11 @@ class PeakRSS:
         self.thread.join()
 
 
-SMOLLM2_SHAPE = SMOLLM2_135M_SHAPE
-
-
 def bench_arm(tune: str | None, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     llm = {"enabled": tune is not None, "source": args.llm_source, "tune": tune or "frozen"}
     if args.llm_source.startswith("random:"):  # same shapes and cost without the weights (e.g. on a GPU box)
-        llm["config_overrides"] = SMOLLM2_SHAPE
+        llm["config_overrides"] = SMOLLM2_135M_SHAPE
     cfg = {
         "model": {
             "backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "depth": args.depth},

@@ -20,8 +20,6 @@ import torch
 from mmblocks.llm import load_blocks
 from mmblocks.llm.sources import SMOLLM2_135M_SHAPE
 
-SMOLLM2 = SMOLLM2_135M_SHAPE
-
 
 def cuda_time(fn, repeats: int, warmup: int) -> float:
     """Median milliseconds of `fn` measured with CUDA events (wall clock on a CPU smoke run)."""
@@ -102,7 +100,7 @@ def bench_training_step(args, impl: str, tune: str, attention: str, fwd_flops: f
     blocks = load_blocks(
         "random:llama",
         range(args.layers),
-        config_overrides=SMOLLM2,
+        config_overrides=SMOLLM2_135M_SHAPE,
         tune=tune,
         attention=attention,
         attn_implementation=impl,
@@ -169,7 +167,7 @@ def main() -> None:
     print(json.dumps(results, indent=1))
 
     b, n = args.batch, args.tokens
-    fwd_flops = flops_per_token_forward(SMOLLM2, args.layers, n) * b * n
+    fwd_flops = flops_per_token_forward(SMOLLM2_135M_SHAPE, args.layers, n) * b * n
     print(
         f"\nSmolLM2-135M-shaped stack: {args.layers} layers, batch {b} x {n} tokens, bf16 "
         f"({fwd_flops / 1e12:.3f} TFLOP per forward)"
@@ -198,7 +196,7 @@ def main() -> None:
         load_blocks(
             "random:llama",
             range(args.layers),
-            config_overrides=SMOLLM2,
+            config_overrides=SMOLLM2_135M_SHAPE,
             attn_implementation="sdpa",
             dtype=torch.bfloat16,
             seed=0,

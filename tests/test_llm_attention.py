@@ -62,7 +62,7 @@ def test_rope_none_equals_identity_rotation(family, tiny_checkpoint):
     blocks = load_blocks(tiny_checkpoint(family), [idx], rope="none", final_norm="none", attn_implementation="eager")
     layer = blocks.layers[0]
     x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0))
-    extra = (blocks.layer_types[0],) if blocks.rotary._takes_layer_type else ()
+    extra = (blocks.layer_types[0],) if blocks.rotary_takes_layer_type else ()
     cos, sin = blocks.rotary(x, torch.arange(7)[None], *extra)
     with torch.no_grad():
         ref = layer(x, attention_mask=None, position_embeddings=(torch.ones_like(cos), torch.zeros_like(sin)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -77,6 +78,10 @@ class LLMBlocks(nn.Module):
         self.hidden_size = int(config.hidden_size)
         self.rope = rope
         self.rotary = rotary
+        # Gemma 3 style rotaries take the layer type (each type has its own base frequency)
+        self.rotary_takes_layer_type = (
+            rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+        )
         self.final_norm = final_norm if final_norm is not None else nn.Identity()
         self.final_norm_kind = final_norm_kind
         self.source = source
@@ -157,7 +162,7 @@ class LLMBlocks(nn.Module):
         position_ids = torch.arange(n, device=device).unsqueeze(0)
         probe = torch.empty(1, n, self.hidden_size, device=device, dtype=dtype)
         with torch.no_grad():
-            if getattr(self.rotary, "_takes_layer_type", False):
+            if self.rotary_takes_layer_type:
                 cos, sin = self.rotary(probe, position_ids, layer_type)
             else:
                 cos, sin = self.rotary(probe, position_ids)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -89,11 +88,9 @@ def _find_prefix(keys: Sequence[str], spec: FamilySpec, index: int) -> str:
     )
 
 
-def _load_module(module: nn.Module, reader: TensorReader, prefix: str, what: str) -> None:
-    expected = module.state_dict().keys()
-    keys = {k for k in reader.keys() if k.startswith(prefix)}
-    names = {prefix + k for k in expected}
-    missing = sorted(names - keys)
+def _load_module(module: nn.Module, reader: TensorReader, available: set[str], prefix: str, what: str) -> None:
+    names = {prefix + k for k in module.state_dict()}
+    missing = sorted(names - available)
     if missing:
         raise KeyError(f"checkpoint is missing {len(missing)} tensor(s) of {what}, e.g. {missing[:3]}")
     tensors = reader.read(sorted(names))
@@ -187,9 +184,10 @@ def load_blocks(
             _materialize_random(layer, base, seed)
     else:
         keys = resolved.reader.keys()
+        available = set(keys)
         prefix = _find_prefix(keys, spec, indices[0])
         for i, layer in zip(indices, chosen):
-            _load_module(layer, resolved.reader, f"{prefix}{spec.layers}.{i}.", f"layer {i}")
+            _load_module(layer, resolved.reader, available, f"{prefix}{spec.layers}.{i}.", f"layer {i}")
 
     norm_module: nn.Module | None = None
     if final_norm == "llm":
@@ -201,14 +199,13 @@ def load_blocks(
         if random_init:
             _materialize_random(norm_module, base, seed)
         else:
-            _load_module(norm_module, resolved.reader, f"{prefix}{spec.final_norm}.", "the final norm")
+            _load_module(norm_module, resolved.reader, available, f"{prefix}{spec.final_norm}.", "the final norm")
     elif final_norm == "rms_unit":
         norm_module = UnitRMSNorm(eps=float(getattr(config, spec.eps, None) or 1e-6))
 
     rotary = None
     if spec.rotary is not None:
         rotary = base.get_submodule(spec.rotary)
-        rotary._takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
 
     blocks = LLMBlocks(
         chosen,
