@@ -5,9 +5,12 @@ This package never imports `adapters` or `mmblocks` (dependencies flow tokenizer
 
 from .audio import AudioFrames, AudioPatches, fbank, fbank_with_lengths
 from .image import ImagePatches
+from .motion import KeyframeMotion, MotionTokens, block_matching
 from .points import PointGroups, farthest_point_sample, knn_group
 from .registry import create_tokenizer, list_tokenizers, register_tokenizer
 from .tokens import Tokens
+from .video import VideoTubelets, normalize_frames
+from .video_io import VideoClip, VideoDecodeError, collate_clips, decode_video, encode_video
 
 __all__ = [
     "AudioFrames",
@@ -22,4 +25,14 @@ __all__ = [
     "knn_group",
     "list_tokenizers",
     "register_tokenizer",
+    "KeyframeMotion",
+    "MotionTokens",
+    "VideoClip",
+    "VideoDecodeError",
+    "VideoTubelets",
+    "block_matching",
+    "collate_clips",
+    "decode_video",
+    "encode_video",
+    "normalize_frames",
 ]
