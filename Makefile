@@ -8,6 +8,11 @@ STAMP := $(VENV)/.mmblocks-installed
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11); set PYTHON=..."; exit 1; }
+	# espeak-ng synthesises the `keywords` audio dataset (a Debian package, not a wheel)
+	@command -v espeak-ng >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng >/dev/null; } || \
+	  echo "warning: could not install espeak-ng (apt-get install espeak-ng): the keywords dataset needs it"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# plain pip: it sees the torch wheels on disk (uv/poetry would download ~3 GB)

@@ -2,8 +2,8 @@
 
 mmblocks train CONFIG [key=value ...] [--resume]      (also under `torchrun --nproc_per_node N -m mmblocks`)
 mmblocks eval CONFIG --checkpoint CKPT [key=value ...]
-mmblocks shards write --modality image --from-folder DIR | --from-manifest FILE --out OUT [--split S]
-mmblocks shards make digits|textures --out DIR [--seed S]
+mmblocks shards write --modality image|points|audio|video --from-folder DIR | --from-manifest FILE --out OUT [--split S]
+mmblocks shards make digits|textures|meshes|keywords|moving-digits --out DIR [--seed S] [--set KEY=VALUE ...]
 mmblocks demo [--quick]
 mmblocks blocks families | show SOURCE [--layers ...]
 """
@@ -53,9 +53,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_shards_write(args: argparse.Namespace) -> int:
     from .data import write_from_folder, write_from_manifest
 
-    if args.modality != "image":
-        raise ValueError(f"--modality {args.modality}: this version writes image shards (points, audio, video next)")
-    kwargs = dict(split=args.split, max_count=args.max_count, max_bytes=args.max_bytes, command=_command_line())
+    kwargs = dict(
+        split=args.split,
+        max_count=args.max_count,
+        max_bytes=args.max_bytes,
+        modality=args.modality,
+        command=_command_line(),
+    )
     if args.reencode:
         kwargs["reencode"] = args.reencode
     if args.from_folder:
@@ -67,9 +71,17 @@ def _cmd_shards_write(args: argparse.Namespace) -> int:
 
 
 def _cmd_shards_make(args: argparse.Namespace) -> int:
+    import yaml
+
     from .data import make_dataset
 
-    info = make_dataset(args.name, args.out, seed=args.seed)
+    kwargs = {}
+    for item in args.set or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. samples_per_class=[200,40,40]")
+        kwargs[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    info = make_dataset(args.name, args.out, seed=args.seed, **kwargs)
     splits = info.get("splits", {})
     counts = {k: v.get("num_samples", v) if isinstance(v, dict) else v for k, v in splits.items()}
     print(f"wrote {args.name} to {args.out}: {counts}")
@@ -144,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("shards", help="write WebDataset shards")
     ssub = sh.add_subparsers(dest="shards_command", required=True)
     wr = ssub.add_parser("write", help="shards from an ImageFolder tree or a manifest (jsonl/csv)")
-    wr.add_argument("--modality", default="image", choices=["image", "points", "audio", "video"])
+    wr.add_argument(
+        "--modality",
+        default="image",
+        choices=["image", "points", "audio", "video"],
+        help="image: jpg/png/webp; points: .npy [P, 3+C] float; audio: .flac/.wav; video: .mp4 (default: image)",
+    )
     src = wr.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-folder", help="one sub-folder per class")
     src.add_argument("--from-manifest", help=".jsonl or .csv with path, label[, caption]")
@@ -155,9 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     wr.add_argument("--reencode", default=None, help="re-encode images to this format (default: keep as is)")
     wr.set_defaults(func=_cmd_shards_write)
     mk = ssub.add_parser("make", help="build an offline dataset from data shipped in installed packages")
-    mk.add_argument("name", choices=["digits", "textures"])
+    mk.add_argument("name", choices=["digits", "textures", "meshes", "keywords", "moving-digits"])
     mk.add_argument("--out", required=True)
     mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a keyword argument of the maker, value in YAML (repeatable), e.g. --set points=2048 "
+        "--set samples_per_class=[200,40,40]",
+    )
     mk.set_defaults(func=_cmd_shards_make)
 
     demo = sub.add_parser("demo", help="train baseline / +frozen SmolLM2 block / +random block on textures")

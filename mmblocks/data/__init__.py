@@ -3,7 +3,7 @@
 Write::
 
     from mmblocks.data import make_dataset, write_from_folder
-    make_dataset("textures", "data/textures")                     # or "digits"
+    make_dataset("textures", "data/textures")                     # or digits, meshes, keywords, moving-digits
     write_from_folder("photos/", "data/photos", split="train")    # photos/<class>/<image>
 
 Read::
@@ -15,7 +15,10 @@ Read::
 """
 
 from .datasets import DATASETS, TEXTURE_PHOTOS, digits_splits, make_dataset, make_digits, make_textures, texture_splits
+from .keywords import ENGLISH_VOICES, KEYWORDS, VARIANTS, EspeakNotFoundError, keyword_voice_splits, make_keywords
 from .loader import Batch, MissingKeyError, ShardDataset, ShardLoader, ShardSource, build_loader, resolve_shards
+from .meshes import MESH_CATEGORIES, make_meshes
+from .moving_digits import DIRECTIONS, make_moving_digits
 from .schema import (
     FORMAT_VERSION,
     IMAGE_KEYS,
@@ -28,6 +31,7 @@ from .schema import (
     read_index,
 )
 from .shards import (
+    FILE_EXTENSIONS,
     ShardWriteError,
     parse_size,
     write_from_folder,
@@ -46,6 +50,13 @@ from .transforms import (
 
 __all__ = [
     "DATASETS",
+    "DIRECTIONS",
+    "ENGLISH_VOICES",
+    "FILE_EXTENSIONS",
+    "KEYWORDS",
+    "MESH_CATEGORIES",
+    "VARIANTS",
+    "EspeakNotFoundError",
     "FORMAT_VERSION",
     "IMAGE_KEYS",
     "INDEX_NAME",
@@ -71,8 +82,12 @@ __all__ = [
     "default_mean_std",
     "digits_splits",
     "iter_samples",
+    "keyword_voice_splits",
     "make_dataset",
     "make_digits",
+    "make_keywords",
+    "make_meshes",
+    "make_moving_digits",
     "make_textures",
     "parse_size",
     "read_index",

@@ -1,12 +1,18 @@
-"""Small real image-classification datasets built offline from data that ships inside installed packages.
+"""Small real classification datasets built offline from data that ships inside installed packages.
 
 * ``digits``: scikit-learn's `load_digits` (1797 real 8x8 handwritten digits, 10 classes), stratified
   train/val/test split;
 * ``textures``: crops of 17 photographs bundled with scikit-image, class = source photograph, with train, val and
-  test crops taken from disjoint pixel regions of each photograph.
+  test crops taken from disjoint pixel regions of each photograph;
+* ``meshes`` (points, `mmblocks.data.meshes`): point clouds sampled from pybullet's bundled meshes, 12 shape
+  categories;
+* ``keywords`` (audio, `mmblocks.data.keywords`): 20 spoken keywords synthesised with espeak-ng, test voices unseen
+  in training;
+* ``moving-digits`` (video, `mmblocks.data.moving_digits`): a digit moving in one of 8 directions, class =
+  direction.
 
-``mmblocks shards make digits|textures --out DIR`` calls `make_dataset`. Nothing is downloaded: the skimage
-photographs that download on first use (brain, cells3d, skin, lily, kidney, eagle) are refused.
+``mmblocks shards make digits|textures|meshes|keywords|moving-digits --out DIR`` calls `make_dataset`. Nothing is
+downloaded: the skimage photographs that download on first use (brain, cells3d, skin, lily, kidney, eagle) are refused.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from .keywords import make_keywords
+from .meshes import make_meshes
+from .moving_digits import make_moving_digits
 from .shards import ShardWriteError, write_shards
 
 __all__ = [
@@ -379,13 +388,21 @@ def make_textures(
     return result
 
 
-DATASETS = {"digits": make_digits, "textures": make_textures}
+DATASETS = {
+    "digits": make_digits,
+    "textures": make_textures,
+    "meshes": make_meshes,
+    "keywords": make_keywords,
+    "moving-digits": make_moving_digits,
+}
 
 
 def make_dataset(name: str, out: str | os.PathLike, seed: int = 0, **kwargs: Any) -> dict[str, Any]:
-    """``mmblocks shards make digits|textures --out DIR [--seed S]``: write a built-in offline dataset.
+    """``mmblocks shards make digits|textures|meshes|keywords|moving-digits --out DIR [--seed S]``: write a built-in
+    offline dataset.
 
-    `kwargs` go to `make_digits` / `make_textures` (e.g. ``max_count``, ``crops_per_class``, ``progress``).
+    `kwargs` go to the maker (`make_digits`, `make_textures`, `make_meshes`, `make_keywords`,
+    `make_moving_digits`; e.g. ``max_count``, ``crops_per_class``, ``samples_per_class``, ``progress``).
     Returns the ``index.json`` contents.
     """
     if name not in DATASETS:

@@ -10,8 +10,10 @@ A shard set is one folder::
 
 Each ``.tar`` is a plain POSIX tar archive in the WebDataset layout: the files of one sample share a key
 (``train-0000042.png``, ``train-0000042.cls``, ``train-0000042.json``) and appear next to each other. Keys per
-sample (design §6): ``jpg|jpeg|png|webp`` encoded image, ``flac|wav`` audio, ``npy`` point cloud, ``mp4`` video,
-``cls`` integer label as ASCII digits, ``txt`` caption (UTF-8), ``json`` free-form metadata.
+sample (design §6): ``jpg|jpeg|png|webp`` encoded image, ``flac|wav`` audio, ``npy`` point cloud ``[P, 3+C]``
+float32, ``mp4`` video, ``cls`` integer label as ASCII digits, ``txt`` caption or transcript (UTF-8), ``json``
+free-form metadata. A folder holds one modality, named as in `MODALITY_KEYS` (``image``, ``audio``, ``points``,
+``video``; the same names as ``Tokens.modality`` and ``mmblocks shards write --modality``).
 
 ``index.json`` (``format_version`` 1)::
 
@@ -74,7 +76,7 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MODALITY_KEYS: dict[str, tuple[str, ...]] = {
     "image": IMAGE_KEYS,
     "audio": ("flac", "wav"),
-    "pointcloud": ("npy",),
+    "points": ("npy",),
     "video": ("mp4",),
 }
 

@@ -11,7 +11,11 @@ build its sample stream. Guarantees:
 * shard files of the split that the new version no longer has (``train-000007.tar`` after a rewrite with fewer
   shards) are removed;
 * encoded media are stored byte for byte; only a PIL image or an array given for an image key is encoded (PNG for
-  ``png``, JPEG quality 95 for ``jpg``, lossless WebP for ``webp``).
+  ``png``, JPEG quality 95 for ``jpg``, lossless WebP for ``webp``) and an array given for ``npy`` is saved as
+  ``.npy``;
+* the folder and manifest writers validate points / audio / video files before storing them (``.npy`` ``[P, 3+C]``
+  float, ``.flac``/``.wav`` decoded with soundfile, ``.mp4`` opened with PyAV) and record what they found (points,
+  sample rate, duration, frames, fps ...) in each sample's ``json``; a bad file raises `ShardWriteError` naming it.
 
 The shards are plain POSIX tar files: ``tar tf``, `tarfile` and `webdataset.WebDataset` read them.
 """
@@ -69,7 +73,7 @@ DEFAULT_MAX_BYTES = 1_000_000_000
 FILE_EXTENSIONS: dict[str, dict[str, str]] = {
     "image": {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"},
     "audio": {".flac": "flac", ".wav": "wav"},
-    "pointcloud": {".npy": "npy"},
+    "points": {".npy": "npy"},
     "video": {".mp4": "mp4"},
 }
 #: Image files PIL reads that are stored only when re-encoding is asked for (``reencode="png"``).
@@ -303,7 +307,7 @@ def write_shards(
         split: split name (``train``, ``val``, ``test``, ...).
         max_count: at most this many samples per shard.
         max_bytes: a shard file stays at or under this size unless a single sample is larger (int or ``"500MB"``).
-        modality: ``image``, ``audio``, ``pointcloud`` or ``video``; fixed per folder.
+        modality: ``image``, ``audio``, ``points`` or ``video``; fixed per folder.
         class_names: label names (index = ``cls``); must agree with the folder's index if it has names.
         command: the command line recorded in the index (default: a description of this call).
         dataset: free-form description merged into the index's ``dataset`` entry (e.g. crop regions).
@@ -325,6 +329,7 @@ def write_shards(
     if max_count < 1 or max_bytes < _TAR_RECORD:
         raise ShardWriteError(f"max_count must be >= 1 and max_bytes >= {_TAR_RECORD} (got {max_count}, {max_bytes})")
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     names = list(class_names) if class_names is not None else None
     existing = read_index(out)
@@ -369,6 +374,9 @@ def write_shards(
             write_index(out, index)
     except BaseException:
         writer.abort()
+        if created:  # a failed first write leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
         raise
     finally:
         bar.close()
@@ -392,6 +400,108 @@ class _Entry:
     label: int
     caption: str | None = None
     ref: str = ""  # the path as given (relative to the folder / manifest)
+
+
+def _check_points(data: bytes, where: str) -> tuple[bytes, dict[str, Any]]:
+    """A ``.npy`` point cloud ``[P, 3+C]``: float32 stored as is, other float dtypes converted to float32."""
+    if not data.startswith(b"\x93NUMPY"):
+        raise ShardWriteError(f"{where}: not a .npy file (no NumPy header; save arrays with numpy.save)")
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exn:  # numpy raises ValueError, EOFError, OSError ... for a bad file
+        raise ShardWriteError(f"{where}: not a readable .npy array ({exn})") from exn
+    if not isinstance(arr, np.ndarray):
+        raise ShardWriteError(f"{where}: expected one .npy array, got {type(arr).__name__}")
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 3:
+        raise ShardWriteError(f"{where}: a point cloud must be [P, 3+C] with P >= 1 (xyz first), got {list(arr.shape)}")
+    if arr.dtype.kind != "f":
+        raise ShardWriteError(f"{where}: a point cloud must hold floats (float32 stored as is), got {arr.dtype}")
+    info: dict[str, Any] = {"points": int(arr.shape[0]), "channels": int(arr.shape[1])}
+    if arr.dtype != np.float32:
+        info["converted_from"] = str(arr.dtype)
+        with np.errstate(over="ignore"):
+            arr = arr.astype(np.float32)
+        data = wds.numpy_dumps(np.ascontiguousarray(arr))
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        what = "NaN" if np.isnan(arr).any() else "inf (or a value too large for float32)"
+        raise ShardWriteError(f"{where}: the point cloud holds {what} ({int(bad.sum())} value(s), first in row {row})")
+    return data, info
+
+
+def _check_audio(ext: str, data: bytes, where: str) -> dict[str, Any]:
+    """Decode a ``.flac`` / ``.wav`` file fully (in blocks) with soundfile; its sample rate, channels, duration."""
+    import soundfile as sf
+
+    formats = {"flac": ("FLAC",), "wav": ("WAV", "WAVEX", "RF64")}[ext]
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            if f.format not in formats:
+                raise ShardWriteError(f"{where}: a .{ext} file holds {f.format} audio; give it its own extension")
+            frames = 0
+            for block in f.blocks(blocksize=1 << 18, dtype="float32"):
+                frames += len(block)
+            info = {"sample_rate": int(f.samplerate), "channels": int(f.channels), "subtype": str(f.subtype)}
+    except ShardWriteError:
+        raise
+    except Exception as exn:  # soundfile raises LibsndfileError / RuntimeError for a bad file
+        reason = re.sub(r"^Error opening <[^>]*>: ", "", str(exn))
+        raise ShardWriteError(f"{where}: not readable {ext} audio ({reason})") from exn
+    if frames == 0:
+        raise ShardWriteError(f"{where}: the audio file holds no samples")
+    return {**info, "frames": frames, "duration": round(frames / info["sample_rate"], 6)}
+
+
+def _check_video(data: bytes, where: str) -> dict[str, Any]:
+    """Open an ``.mp4`` with PyAV and decode its first video frame; frames, fps, size, codec, duration."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if "mp4" not in container.format.name.split(","):
+                raise ShardWriteError(f"{where}: a .mp4 file holds a {container.format.name!r} container")
+            if not container.streams.video:
+                raise ShardWriteError(f"{where}: the file has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            info: dict[str, Any] = {
+                "frames": int(stream.frames),
+                "fps": None if rate is None else round(float(rate), 6),
+                "width": int(stream.codec_context.width),
+                "height": int(stream.codec_context.height),
+                "codec": stream.codec_context.name,
+                "duration": None if container.duration is None else round(container.duration / 1_000_000, 6),
+            }
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise ShardWriteError(f"{where}: the video stream has no decodable frame")
+            if info["frames"] <= 0:  # not in the header: count packets (demux only, no decoding)
+                container.seek(0)
+                info["frames"] = sum(1 for packet in container.demux(stream) if packet.size)
+    except ShardWriteError:
+        raise
+    except Exception as exn:  # av.error.FFmpegError and friends for a bad file
+        raise ShardWriteError(f"{where}: not a decodable mp4 video ({exn})") from exn
+    return info
+
+
+def _check_media(ext: str, data: bytes, where: str) -> tuple[bytes, dict[str, Any]]:
+    """Validate a points / audio / video file before it is stored; the bytes to store and facts for its ``json``.
+
+    ``npy``: ``[P, 3+C]`` float32 stored as is, other float dtypes converted to float32 (``converted_from``);
+    integer dtypes, other shapes, NaN or inf are refused. ``flac``/``wav``: decoded fully with soundfile (the
+    container must match the extension); ``sample_rate``, ``channels``, ``frames``, ``duration`` recorded.
+    ``mp4``: opened with PyAV, first frame decoded; ``frames``, ``fps``, ``width``, ``height``, ``codec``,
+    ``duration`` recorded. Raises `ShardWriteError` naming the file.
+    """
+    if ext == "npy":
+        return _check_points(data, where)
+    if ext in ("flac", "wav"):
+        return data, _check_audio(ext, data, where)
+    if ext == "mp4":
+        return data, _check_video(data, where)
+    return data, {}
 
 
 def _media_key(path: Path, modality: str, reencode: str | None, where: str) -> tuple[str, bool]:
@@ -433,6 +543,9 @@ def _entry_samples(
         meta: dict[str, Any] = {"path": entry.ref}
         if class_names is not None:
             meta["class"] = class_names[entry.label]
+        if modality != "image":
+            data, info = _check_media(media, data, str(entry.path))
+            meta.update(info)
         sample = {"__key__": f"{split}-{i:07d}", media: data, LABEL_KEY: entry.label, "json": meta}
         if entry.caption is not None:
             sample["txt"] = entry.caption
@@ -534,8 +647,9 @@ def write_from_folder(
     command: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """``mmblocks shards write --modality image --from-folder DIR --out OUT [--split train] [--max-count N]
-    [--max-bytes B]``: shards from an ImageFolder tree ``DIR/<class>/<file>`` (files found recursively).
+    """``mmblocks shards write --modality image|points|audio|video --from-folder DIR --out OUT [--split train]
+    [--max-count N] [--max-bytes B]``: shards from an ImageFolder tree ``DIR/<class>/<file>`` (files found
+    recursively).
 
     Class names are the sub-folder names, sorted (or `class_names`, or those already in ``OUT/index.json`` so that
     ``val`` gets the label ids of ``train``). Files are stored byte for byte under the key of their extension
@@ -545,9 +659,17 @@ def write_from_folder(
     ignored. Other image formats PIL reads (``.bmp``, ``.gif``, ``.tif`` ...) are converted with
     ``reencode="png"|"jpg"|"webp"``.
 
+    Per `modality` the files stored are those of `FILE_EXTENSIONS`: points ``.npy``, audio ``.flac``/``.wav``, video
+    ``.mp4``. These are validated and described in ``json`` (`_check_media`): points ``points``, ``channels`` (and
+    ``converted_from`` when a float64/float16 cloud was converted to float32); audio ``sample_rate``, ``channels``,
+    ``frames``, ``duration``, ``subtype``; video ``frames``, ``fps``, ``width``, ``height``, ``codec``,
+    ``duration``.
+
     Raises:
         ShardWriteError: a missing or empty folder, a class folder without files, an unknown extension, a class
-            not in `class_names`; raised before any shard is written.
+            not in `class_names` (raised before any shard is written); a points / audio / video file that fails
+            validation (raised while writing: no shard of the split is renamed into place, the previous version of
+            the split is kept).
     """
     _check_reencode(modality, reencode)
     folder, out = Path(folder), Path(out)
@@ -625,9 +747,9 @@ def write_from_manifest(
     command: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """``mmblocks shards write --modality image --from-manifest FILE --out OUT [--split ...]``: shards from a
-    manifest, ``.jsonl`` (one ``{"path": ..., "label": ..., "caption": ...}`` per line) or ``.csv`` / ``.tsv`` with
-    a header naming the columns ``path``, ``label`` and optionally ``caption``.
+    """``mmblocks shards write --modality image|points|audio|video --from-manifest FILE --out OUT [--split ...]``:
+    shards from a manifest, ``.jsonl`` (one ``{"path": ..., "label": ..., "caption": ...}`` per line) or ``.csv`` /
+    ``.tsv`` with a header naming the columns ``path``, ``label`` and optionally ``caption``.
 
     Relative paths resolve against the manifest's folder. Labels are either class names or non-negative ints:
     names map through `class_names` (or those in ``OUT/index.json``, or else the sorted set of names); ints are
@@ -637,7 +759,8 @@ def write_from_manifest(
     Raises:
         ShardWriteError: an unknown manifest extension, a missing column/key, an empty manifest, a missing media file
             (with its line number), an unknown media extension, an unknown label name, mixed name/int labels, or
-            an int label outside `class_names`; all raised before any shard is written.
+            an int label outside `class_names`; all raised before any shard is written. A points / audio / video
+            file that fails validation raises while writing, with nothing of the split renamed into place.
     """
     _check_reencode(modality, reencode)
     manifest, out = Path(manifest), Path(out)
