@@ -6,11 +6,24 @@ import os
 from typing import Any
 
 import timm
+import torch
 from torch import nn
 
 from tokenizers_mm import ImagePatches, Tokens
 
-__all__ = ["TimmViT", "create_timm_vit"]
+__all__ = ["TimmViT", "create_timm_vit", "padding_bias"]
+
+
+def padding_bias(tokens: Tokens) -> torch.Tensor | None:
+    """The additive attention mask ``[B, 1, 1, N]`` (-inf at padded keys) that timm blocks take for ``tokens.mask``;
+    None when nothing is padded (an all-real mask costs one host sync and keeps SDPA's fused kernels usable on GPU).
+
+    Padded queries still attend to the real keys, so no row is empty and nothing turns NaN; their outputs are ignored
+    by masked pooling and by the LLM blocks' own mask."""
+    if tokens.mask is None or bool(tokens.mask.all()):
+        return None
+    bias = torch.zeros(tokens.mask.shape, dtype=tokens.x.dtype, device=tokens.x.device)
+    return bias.masked_fill(~tokens.mask, float("-inf"))[:, None, None, :]
 
 
 def create_timm_vit(
@@ -45,6 +58,8 @@ class TimmViT(nn.Module):
     Args:
         name: a timm ViT name (``vit_tiny_patch16_224``, ``vit_small_patch16_224``, ...).
         checkpoint_path: optional local weights.
+        image_tokenizer: keep the ViT's patch embedding for `make_tokenizer`; False drops it (the blocks serve
+            another modality's tokenizer: AST audio patches, VideoMAE tubelets, motion).
         kwargs: timm model arguments (custom depth / width / image and patch size).
     """
 
@@ -54,6 +69,7 @@ class TimmViT(nn.Module):
         checkpoint_path: str | None = None,
         *,
         vit: nn.Module | None = None,
+        image_tokenizer: bool = True,
         **kwargs: Any,
     ):
         super().__init__()
@@ -64,7 +80,7 @@ class TimmViT(nn.Module):
         self.norm_pre = vit.norm_pre
         self.blocks = nn.ModuleList(list(vit.blocks))
         self.norm = vit.norm
-        self._tokenizer = ImagePatches.from_timm(vit)
+        self._tokenizer = ImagePatches.from_timm(vit) if image_tokenizer else None
         self.timm_config = {"name": name, **kwargs}
 
     @classmethod
@@ -78,16 +94,19 @@ class TimmViT(nn.Module):
 
     def make_tokenizer(self) -> ImagePatches:
         """An `image_patches` tokenizer holding this model's patch embedding, tokens and positions."""
+        if self._tokenizer is None:
+            raise ValueError("this TimmViT was built with image_tokenizer=False: it has no patch embedding")
         return self._tokenizer
 
     def forward_block(self, index: int, tokens: Tokens) -> Tokens:
-        return tokens.with_x(self.blocks[index](tokens.x))
+        return tokens.with_x(self.blocks[index](tokens.x, attn_mask=padding_bias(tokens)))
 
     def forward(self, tokens: Tokens) -> Tokens:
-        """All blocks, no final norm. ``[B, N, D] -> [B, N, D]``."""
+        """All blocks, no final norm; padded tokens (``tokens.mask``) are masked as keys. ``[B, N, D] -> [B, N, D]``."""
         x = self.norm_pre(tokens.x)
+        attn_mask = padding_bias(tokens)
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, attn_mask=attn_mask)
         return tokens.with_x(x)
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ from tokenizers_mm import Tokens
 
 from ..llm import LLMBlocks
 from ..params import parameter_table
+from .backbones import padding_bias
 
 __all__ = ["LLMStage", "MMEncoder"]
 
@@ -95,7 +96,9 @@ class MMEncoder(nn.Module):
         if self.llm_stage is not None:
             self.llm_stage.blocks.set_gradient_checkpointing(enable)
 
-    def _run(self, name: str, module: nn.Module, tokens: Tokens, pos: torch.Tensor | None) -> Tokens:
+    def _run(
+        self, name: str, module: nn.Module, tokens: Tokens, pos: torch.Tensor | None, attn_mask: torch.Tensor | None
+    ) -> Tokens:
         if name == "llm":
             return module(tokens)
         x = tokens.x
@@ -106,12 +109,27 @@ class MMEncoder(nn.Module):
                     "before this block changed the token count or width"
                 )
             x = x + pos
+        if attn_mask is not None and attn_mask.shape[-1] != x.shape[1]:
+            raise ValueError(
+                f"the token mask covers {attn_mask.shape[-1]} tokens but block {name} gets {x.shape[1]}: a stage "
+                "before it changed the token count"
+            )
+        args = (x,) if attn_mask is None else (x, attn_mask)
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return tokens.with_x(checkpoint(module, x, use_reentrant=False))
-        return tokens.with_x(module(x))
+            return tokens.with_x(checkpoint(module, *args, use_reentrant=False))
+        return tokens.with_x(module(*args))
 
-    def _start(self, inputs: torch.Tensor) -> tuple[Tokens, torch.Tensor | None]:
-        tokens = self.tokenizer(inputs)
+    def tokenize(self, inputs: torch.Tensor, mask: torch.Tensor | None = None, **extra: torch.Tensor) -> Tokens:
+        """Raw input -> `Tokens`. ``mask`` (the loader's padding mask over points / samples / frames) and ``extra``
+        (e.g. codec ``motion``) reach the tokenizer only when given, so image tokenizers keep their one argument."""
+        if mask is None and not extra:
+            return self.tokenizer(inputs)
+        return self.tokenizer(inputs, mask=mask, **extra)
+
+    def _start(
+        self, inputs: torch.Tensor, mask: torch.Tensor | None, extra: dict[str, torch.Tensor]
+    ) -> tuple[Tokens, torch.Tensor | None]:
+        tokens = self.tokenize(inputs, mask, **extra)
         if self.backbone is not None and hasattr(self.backbone, "norm_pre"):
             tokens = tokens.with_x(self.backbone.norm_pre(tokens.x))
         pos = self.backbone.block_positions(tokens) if hasattr(self.backbone, "block_positions") else None
@@ -123,11 +141,13 @@ class MMEncoder(nn.Module):
         return tokens
 
     # ------------------------------------------------------------------ forward
-    def forward_features(self, inputs: torch.Tensor) -> Tokens:
-        """Raw input -> final (normed) `Tokens`."""
-        tokens, pos = self._start(inputs)
+    def forward_features(self, inputs: torch.Tensor, mask: torch.Tensor | None = None, **extra: torch.Tensor) -> Tokens:
+        """Raw input (``[B, C, H, W]`` images, ``[B, P, 3 + C]`` points, ``[B, S]`` waveforms, ``[B, T, C, H, W]``
+        frames; ``mask`` the loader's padding mask) -> final (normed) `Tokens`."""
+        tokens, pos = self._start(inputs, mask, extra)
+        attn_mask = padding_bias(tokens)
         for name, module in self._layers():
-            tokens = self._run(name, module, tokens, pos)
+            tokens = self._run(name, module, tokens, pos, attn_mask)
         return self._final_norm(tokens)
 
     def forward_head(self, tokens: Tokens) -> torch.Tensor:
@@ -135,13 +155,20 @@ class MMEncoder(nn.Module):
             raise ValueError("this encoder has no head; use forward_features")
         return self.head(tokens)
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor | Tokens:
+    def forward(
+        self, inputs: torch.Tensor, mask: torch.Tensor | None = None, **extra: torch.Tensor
+    ) -> torch.Tensor | Tokens:
         """Raw input -> head output (logits), or the final `Tokens` when there is no head."""
-        tokens = self.forward_features(inputs)
+        tokens = self.forward_features(inputs, mask, **extra)
         return self.head(tokens) if self.head is not None else tokens
 
     def forward_intermediates(
-        self, inputs: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False
+        self,
+        inputs: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        mask: torch.Tensor | None = None,
+        **extra: torch.Tensor,
     ) -> tuple[Tokens, list[Tokens]]:
         """Final `Tokens` plus the outputs of the layers at `indices` (timm-style: an int takes the last n).
 
@@ -157,10 +184,11 @@ class MMEncoder(nn.Module):
         bad = [i for i in take if not 0 <= i < len(names)]
         if bad:
             raise IndexError(f"intermediate indices {bad} out of range for {len(names)} layers {names}")
-        tokens, pos = self._start(inputs)
+        tokens, pos = self._start(inputs, mask, extra)
+        attn_mask = padding_bias(tokens)
         out: list[Tokens] = []
         for i, (name, module) in enumerate(self._layers()):
-            tokens = self._run(name, module, tokens, pos)
+            tokens = self._run(name, module, tokens, pos, attn_mask)
             if i in take:
                 out.append(self._final_norm(tokens) if norm else tokens)
         return self._final_norm(tokens), out
@@ -181,12 +209,27 @@ class MMEncoder(nn.Module):
         return [
             ("tokenizer", self.tokenizer),
             ("backbone blocks", backbone_blocks),
+            ("backbone other", self._backbone_other()),
             ("adapter_in", llm.adapter_in if llm else None),
             ("llm blocks", llm.blocks if llm else None),
             ("adapter_out", llm.adapter_out if llm else None),
             ("norm", norm),
             ("head", self.head),
         ]
+
+    def _backbone_other(self) -> nn.Module | None:
+        """The backbone's parameters outside its blocks and final norm and not shared with the tokenizer (the
+        per-block position MLP of a point transformer, ...), as a module for the table; None when there are none."""
+        if self.backbone is None:
+            return None
+        owned = (self.backbone.blocks, getattr(self.backbone, "norm", None), self.tokenizer)
+        counted = {id(p) for m in owned if m is not None for p in m.parameters()}
+        rest = [p for p in self.backbone.parameters() if id(p) not in counted]
+        if not rest:
+            return None
+        holder = nn.Module()
+        holder.params = nn.ParameterList(rest)
+        return holder
 
     def parameter_table(self) -> str:
         """Trainable and frozen parameters per stage."""
