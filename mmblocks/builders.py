@@ -6,14 +6,24 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from adapters import create_adapter
+from torch import nn
 
-from .config import load_config
+from adapters import create_adapter
+from tokenizers_mm import create_tokenizer
+
+from .config import ConfigError, load_config
 from .heads import ClassifierHead
 from .llm import load_blocks
-from .models import LLMStage, MMEncoder, TimmViT
+from .models import LLMStage, MMEncoder, PointTransformer, TimmViT
 
-__all__ = ["build_encoder", "build_llm_stage", "vit_tiny_llm_last", "vit_small_llm_last", "num_classes_from_data"]
+__all__ = [
+    "build_encoder",
+    "build_llm_stage",
+    "build_tokenizer_and_backbone",
+    "vit_tiny_llm_last",
+    "vit_small_llm_last",
+    "num_classes_from_data",
+]
 
 _BACKBONE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
@@ -24,6 +34,65 @@ def num_classes_from_data(data_cfg: Mapping[str, Any]) -> int | None:
 
     index = read_index(data_cfg["root"])
     return len(index.class_names) if index is not None and index.class_names else None
+
+
+def _create_tokenizer(name: str, **kwargs: Any) -> nn.Module:
+    try:
+        return create_tokenizer(name, **kwargs)
+    except TypeError as err:  # a misspelt or foreign argument: name the config keys
+        raise ConfigError(f"model.tokenizer.kwargs for {name!r}: {err}") from err
+
+
+def build_tokenizer_and_backbone(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> tuple[nn.Module, Any]:
+    """The tokenizer and backbone a validated ``model`` config names.
+
+    * ``backbone.type: vit`` with no tokenizer (or ``image_patches``): a timm ViT and its own patch embedding.
+    * ``backbone.type: vit`` with another tokenizer (``audio_patches`` = AST, ``video_tubelets`` = VideoMAE,
+      ``motion``, ``keyframe_motion``, ``audio_frames``): timm ViT blocks (no patch embedding) after that tokenizer,
+      built with ``embed_dim`` = the ViT width and ``model.tokenizer.kwargs``.
+    * ``backbone.type: point_transformer``: Point-BERT's transformer after the ``points`` tokenizer (built with
+      ``add_pos=False``: the backbone adds the centre positions before every block).
+    """
+    bb, tok = model_cfg["backbone"], model_cfg["tokenizer"]
+    name, tok_kwargs = tok["name"], dict(tok["kwargs"])
+    if bb["type"] == "point_transformer":
+        if name not in (None, "points"):
+            raise ConfigError(f"model.tokenizer.name: backbone.type point_transformer needs 'points', got {name!r}")
+        width = bb["embed_dim"] or 384
+        backbone = PointTransformer(
+            embed_dim=width,
+            depth=bb["depth"] or 12,
+            num_heads=bb["num_heads"] or 6,
+            mlp_ratio=bb["mlp_ratio"] or 4.0,
+            drop_path_rate=bb["drop_path_rate"],
+            class_token=bb["class_token"],
+        )
+        tokenizer = _create_tokenizer(
+            "points", **{"embed_dim": width, "class_token": bb["class_token"], "add_pos": False, **tok_kwargs}
+        )
+        return tokenizer, backbone
+    kwargs = {k: bb[k] for k in _BACKBONE_KEYS if bb[k] is not None}
+    kwargs["drop_path_rate"] = bb["drop_path_rate"]
+    if name in (None, "image_patches"):
+        if tok_kwargs:
+            raise ConfigError(
+                "model.tokenizer.kwargs: the image tokenizer is the ViT's own patch embedding; set its size with "
+                f"model.backbone (img_size, patch_size, ...), got {sorted(tok_kwargs)}"
+            )
+        kwargs.update(
+            reg_tokens=bb["reg_tokens"],
+            class_token=bb["class_token"],
+            no_embed_class=bb["no_embed_class"],
+            in_chans=data_cfg["channels"],
+        )
+        if not bb["class_token"]:
+            kwargs["global_pool"] = "avg"
+        backbone = TimmViT(bb["name"], checkpoint_path=bb["checkpoint_path"], **kwargs)
+        return backbone.make_tokenizer(), backbone
+    for key in ("img_size", "patch_size"):  # sizes belong to the tokenizer here
+        kwargs.pop(key, None)
+    backbone = TimmViT(bb["name"], checkpoint_path=bb["checkpoint_path"], image_tokenizer=False, **kwargs)
+    return _create_tokenizer(name, **{"embed_dim": backbone.embed_dim, **tok_kwargs}), backbone
 
 
 def build_llm_stage(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], width: int) -> LLMStage:
@@ -59,24 +128,13 @@ def build_encoder(
     """
     cfg = load_config(cfg)
     m = cfg["model"]
-    bb = m["backbone"]
-    kwargs = {k: bb[k] for k in _BACKBONE_KEYS if bb[k] is not None}
-    kwargs.update(
-        drop_path_rate=bb["drop_path_rate"],
-        reg_tokens=bb["reg_tokens"],
-        class_token=bb["class_token"],
-        no_embed_class=bb["no_embed_class"],
-        in_chans=cfg["data"]["channels"],
-    )
-    if not bb["class_token"]:
-        kwargs["global_pool"] = "avg"
-    backbone = TimmViT(bb["name"], checkpoint_path=bb["checkpoint_path"], **kwargs)
+    tokenizer, backbone = build_tokenizer_and_backbone(m, cfg["data"])
     llm_stage = build_llm_stage(m["llm"], m, backbone.embed_dim) if m["llm"]["enabled"] else None
     classes = num_classes or m["num_classes"] or num_classes_from_data(cfg["data"])
     head = None
     if classes:
         head = ClassifierHead(backbone.embed_dim, classes, pool=m["head"]["pool"], dropout=m["head"]["dropout"])
-    encoder = MMEncoder(backbone.make_tokenizer(), backbone, llm_stage, head, insert_at=m["insert_at"])
+    encoder = MMEncoder(tokenizer, backbone, llm_stage, head, insert_at=m["insert_at"])
     if verbose:
         print(encoder.parameter_table())
     return encoder

@@ -44,6 +44,12 @@ def _adapters() -> list[str]:
     return list_adapters()
 
 
+def _tokenizers() -> list[str]:
+    from tokenizers_mm import list_tokenizers
+
+    return list_tokenizers()
+
+
 def _tunes() -> tuple[str, ...]:
     from .llm import TUNE_MODES
 
@@ -55,8 +61,24 @@ INT, FLOAT, BOOL, STR = (int,), (int, float), (bool,), (str,)
 SCHEMA: Schema = {
     "name": Field(None, STR, nullable=True, doc="run name (default: the config file name)"),
     "model": {
+        "tokenizer": {
+            "name": Field(
+                None,
+                STR,
+                nullable=True,
+                choices=_tokenizers,
+                doc="a registered tokenizer; null: the ViT backbone's own image patches",
+            ),
+            "kwargs": Field({}, (dict,), open_mapping=True, doc="tokenizer arguments (embed_dim = backbone width)"),
+        },
         "backbone": {
-            "name": Field("vit_tiny_patch16_224", STR, doc="a timm ViT name"),
+            "type": Field(
+                "vit",
+                STR,
+                choices=("vit", "point_transformer"),
+                doc="vit: timm ViT blocks (images, AST audio, VideoMAE video); point_transformer: Point-BERT",
+            ),
+            "name": Field("vit_tiny_patch16_224", STR, doc="a timm ViT name (type vit)"),
             "img_size": Field(None, INT, nullable=True),
             "patch_size": Field(None, INT, nullable=True),
             "embed_dim": Field(None, INT, nullable=True),
@@ -103,19 +125,36 @@ SCHEMA: Schema = {
             None,
             STR,
             nullable=True,
-            choices=("digits", "textures"),
+            choices=("digits", "textures", "meshes", "keywords", "moving-digits"),
             doc="an offline dataset made into `root` when missing",
+        ),
+        "modality": Field(
+            None, STR, nullable=True, choices=("image", "points", "audio", "video"), doc="default: the index's"
         ),
         "root": Field("runs/data", STR, doc="folder with index.json and the shards"),
         "train_split": Field("train", STR),
         "val_split": Field("val", STR, nullable=True),
         "test_split": Field("test", STR, nullable=True),
-        "image_size": Field(32, INT),
+        "image_size": Field(32, INT, nullable=True, doc="images: crop/resize side; video: resize frames (null: keep)"),
         "channels": Field(3, INT, choices=(1, 3)),
         "batch_size": Field(64, INT),
         "eval_batch_size": Field(None, INT, nullable=True),
         "num_workers": Field(2, INT),
         "augment": Field(True, BOOL),
+        "augment_policy": Field(
+            None,
+            STR,
+            nullable=True,
+            choices=("light", "crop", "scale_translate", "rotate"),
+            doc="augmentation preset when augment is true: images light|crop, points scale_translate|rotate",
+        ),
+        "num_points": Field(None, INT, nullable=True, doc="points kept per cloud (null: all)"),
+        "sample_rate": Field(16000, INT, doc="audio rate the model expects (files are resampled)"),
+        "max_seconds": Field(None, FLOAT, nullable=True, doc="crop longer audio clips"),
+        "num_frames": Field(16, INT, doc="video frames per clip"),
+        "frame_sampling": Field("uniform", STR, choices=("uniform", "stride")),
+        "frame_stride": Field(1, INT),
+        "motion_vectors": Field(False, BOOL, doc="decode the codec motion vectors (batch.extra['motion'])"),
         "resampled": Field(False, BOOL, doc="infinite resampled shards (step-based training)"),
     },
     "train": {
@@ -202,9 +241,11 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         out["model"]["llm"]["layers"] = [layers]
     elif not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
         raise ConfigError(f"model.llm.layers: expected a list of layer indices, got {layers!r}")
-    for key in ("batch_size", "num_workers", "image_size"):
-        if out["data"][key] < (0 if key == "num_workers" else 1):
+    for key in ("batch_size", "num_workers", "image_size", "num_frames", "frame_stride", "sample_rate"):
+        if out["data"][key] is not None and out["data"][key] < (0 if key == "num_workers" else 1):
             raise ConfigError(f"data.{key}: must be positive, got {out['data'][key]}")
+    if out["data"]["num_points"] is not None and out["data"]["num_points"] < 1:
+        raise ConfigError(f"data.num_points: must be positive or null, got {out['data']['num_points']}")
     for key in ("accum_steps", "epochs", "checkpoint_every", "log_every", "eval_every"):
         if out["train"][key] < 1:
             raise ConfigError(f"train.{key}: must be >= 1, got {out['train'][key]}")

@@ -309,6 +309,22 @@ def fbank(waveform: torch.Tensor, sample_rate: float = 16000.0, **kaldi_kwargs) 
     return fbank_with_lengths(waveform, sample_rate, **kaldi_kwargs)[0]
 
 
+def _lengths_from_mask(lengths: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Valid lengths from a right-padding mask ``[B, S]`` (True = real sample or frame), as the data loader collates.
+
+    A mask with a real entry after padding (not right-padded) is an error: lengths cannot describe it."""
+    if mask is None:
+        return lengths
+    if lengths is not None:
+        raise ValueError("pass either lengths or mask, not both")
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool [B, S] padding mask, got {mask.dtype} {tuple(mask.shape)}")
+    lengths = mask.sum(1)
+    if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device) < lengths.unsqueeze(1)):
+        raise ValueError("mask must be right-padded (all real entries first): lengths cannot describe it")
+    return lengths
+
+
 def _prepare_waveform(
     waveform: torch.Tensor,
     lengths: torch.Tensor | None,
@@ -366,9 +382,10 @@ class AudioPatches(nn.Module):
             makes this nearly a no-op).
         fbank_kwargs: overrides of the fbank arguments.
 
-    `forward(audio, lengths=None, sample_rate=None, target_frames=None)`: ``audio`` is a waveform ``[B, S]``
-    (``lengths`` = real samples per row) or a precomputed raw (unnormalised) fbank ``[B, T, num_mel_bins]``
-    (``lengths`` = real frames per row). Returns `Tokens` with ``x [B, P + F'*T', D]`` (row-major over
+    `forward(audio, lengths=None, sample_rate=None, target_frames=None, mask=None)`: ``audio`` is a waveform
+    ``[B, S]`` (``lengths`` = real samples per row, or ``mask [B, S]``, the loader's right-padding mask) or a
+    precomputed raw (unnormalised) fbank ``[B, T, num_mel_bins]`` (``lengths`` = real frames per row).
+    Returns `Tokens` with ``x [B, P + F'*T', D]`` (row-major over
     ``grid = (F', T')``, frequency first as AST), ``pos [B, N, 2] = (freq_idx, time_idx)`` (prefix at (-1, -1)),
     ``num_prefix P``, ``modality "audio"``.
 
@@ -470,7 +487,9 @@ class AudioPatches(nn.Module):
         lengths: torch.Tensor | None = None,
         sample_rate: float | None = None,
         target_frames: int | None = None,
+        mask: torch.Tensor | None = None,
     ) -> Tokens:
+        lengths = _lengths_from_mask(lengths, mask)
         target = self.target_frames if target_frames is None else int(target_frames)
         if target < self.patch_size:
             raise ValueError(f"target_frames ({target}) must be >= patch_size ({self.patch_size})")
@@ -530,8 +549,9 @@ class AudioFrames(nn.Module):
     one token of width ``stack * F`` (stride ``stack``; the ``T mod stack`` trailing frames are dropped), then an
     optional ``Linear(stack * F, embed_dim)`` (``embed_dim=None``: no projection).
 
-    `forward(audio, lengths=None, sample_rate=None)`: waveform ``[B, S]`` (``lengths`` in samples) or fbank
-    ``[B, T, F]`` (``lengths`` in frames). Returns `Tokens` with ``grid (T // stack,)``, ``pos [B, N, 1]`` = start
+    `forward(audio, lengths=None, sample_rate=None, mask=None)`: waveform ``[B, S]`` (``lengths`` in samples, or a
+    right-padding ``mask [B, S]``) or fbank ``[B, T, F]`` (``lengths`` in frames).
+    Returns `Tokens` with ``grid (T // stack,)``, ``pos [B, N, 1]`` = start
     time in seconds of each token's first frame, ``modality "audio"`` and ``mask``: a token is real iff its first
     frame is a real frame (``i * stack < valid_frames``), i.e. False only for tokens made entirely of padding.
     Another ``sample_rate`` raises ``ValueError`` unless ``resample=True``.
@@ -559,8 +579,13 @@ class AudioFrames(nn.Module):
         self.proj = nn.Linear(stack * self.feat_dim, embed_dim) if embed_dim is not None else None
 
     def forward(
-        self, audio: torch.Tensor, lengths: torch.Tensor | None = None, sample_rate: float | None = None
+        self,
+        audio: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        sample_rate: float | None = None,
+        mask: torch.Tensor | None = None,
     ) -> Tokens:
+        lengths = _lengths_from_mask(lengths, mask)
         if isinstance(audio, torch.Tensor) and audio.dim() == 3:
             if audio.shape[-1] != self.feat_dim:
                 raise ValueError(f"audio_frames expects a fbank [B, T, {self.feat_dim}], got {tuple(audio.shape)}")

@@ -1,4 +1,5 @@
-"""WebDataset data layer: shard writers with ``index.json``, offline datasets, and an exactly-once image loader.
+"""WebDataset data layer: shard writers with ``index.json``, offline datasets, and an exactly-once loader for images,
+point clouds, audio and video.
 
 Write::
 
@@ -10,10 +11,14 @@ Read::
 
     from mmblocks.data import build_loader
     loader = build_loader("data/textures", "train", batch_size=64, image_size=32, num_workers=2)
-    for batch in loader:  # Batch(image [B, 3, 32, 32] float32, label [B] int64, key list[str])
+    for batch in loader:  # Batch(inputs [B, 3, 32, 32] float32, label [B] int64, key list[str], mask, extra)
         ...
+    build_loader("data/meshes", "train", batch_size=32, num_points=512)   # inputs [B, P, 3], mask [B, P] or None
+    build_loader("data/keywords", "train", batch_size=64)                 # waveforms [B, S], mask [B, S]
+    build_loader("data/moving-digits", "train", batch_size=8, motion_vectors=True)  # [B, T, 3, H, W], extra["motion"]
 """
 
+from .codecs import AudioCodec, ImageCodec, PointsCodec, SampleCodec, VideoCodec, pad_stack
 from .datasets import DATASETS, TEXTURE_PHOTOS, digits_splits, make_dataset, make_digits, make_textures, texture_splits
 from .keywords import ENGLISH_VOICES, KEYWORDS, VARIANTS, EspeakNotFoundError, keyword_voice_splits, make_keywords
 from .loader import Batch, MissingKeyError, ShardDataset, ShardLoader, ShardSource, build_loader, resolve_shards
@@ -49,6 +54,12 @@ from .transforms import (
 )
 
 __all__ = [
+    "AudioCodec",
+    "ImageCodec",
+    "PointsCodec",
+    "SampleCodec",
+    "VideoCodec",
+    "pad_stack",
     "DATASETS",
     "DIRECTIONS",
     "ENGLISH_VOICES",

@@ -71,12 +71,11 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.autodecode import Decoder
 from webdataset.shardlists import expand_urls
 
-from .schema import IMAGE_KEYS, INDEX_NAME, LABEL_KEY, DatasetIndex, ShardIndexError, read_index
+from .codecs import AudioCodec, ImageCodec, PointsCodec, RawInputs, SampleCodec, VideoCodec
+from .schema import INDEX_NAME, LABEL_KEY, DatasetIndex, ShardIndexError, read_index
 from .tario import iter_samples, open_shard
-from .transforms import BatchNormalizer, ImageDecoder, _mean_std, build_geometry, to_uint8_hwc
 
 __all__ = [
     "Batch",
@@ -106,18 +105,42 @@ class MissingKeyError(KeyError):
 
 
 class Batch(NamedTuple):
-    """One batch. ``image``: float32 ``[B, C, H, W]``, normalised; ``label``: int64 ``[B]``; ``key``: the sample keys.
+    """One batch: ``inputs`` for the tokenizer (see `mmblocks.data.codecs`: images float32 ``[B, C, H, W]``
+    normalised, points ``[B, P, 3 + C]``, waveforms ``[B, S]``, frames ``[B, T, C, H, W]``), ``label`` int64 ``[B]``,
+    ``key`` the sample keys, ``mask`` the padding mask of variable-length batches (``[B, P]`` points, ``[B, S]``
+    samples, ``[B, T]`` frames; True = real; None when nothing is padded) and ``extra`` named side inputs (a video's
+    codec ``motion``). ``batch.image`` is ``batch.inputs``.
 
-    Unpacks as ``image, label, key = batch``.
+    The model call is ``model(batch.inputs, mask=batch.mask, **batch.extra)`` (`model_inputs`).
     """
 
-    image: torch.Tensor
+    inputs: torch.Tensor
     label: torch.Tensor
     key: list[str]
+    mask: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = {}  # noqa: RUF012 (never mutated: `to` builds a new dict)
+
+    @property
+    def image(self) -> torch.Tensor:
+        return self.inputs
+
+    def model_inputs(self) -> tuple[tuple[torch.Tensor], dict[str, Any]]:
+        """``(args, kwargs)`` for ``model(*args, **kwargs)``: the mask and extras only when present."""
+        kwargs: dict[str, Any] = dict(self.extra)
+        if self.mask is not None:
+            kwargs["mask"] = self.mask
+        return (self.inputs,), kwargs
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
         return Batch(
-            self.image.to(device, non_blocking=non_blocking), self.label.to(device, non_blocking=non_blocking), self.key
+            move(self.inputs),
+            move(self.label),
+            self.key,
+            move(self.mask),
+            {k: move(v) for k, v in self.extra.items()},
         )
 
 
@@ -330,10 +353,11 @@ def _identity(x: Any) -> Any:
 
 
 class _RawBatch(NamedTuple):
-    """What a worker sends: uint8 images ``[B, H, W, C]`` as numpy (pickled through the worker's pipe, which for
-    batches of small images costs less than passing tensor storages as file descriptors), int64 labels, keys."""
+    """What a worker sends: the codec's numpy batch (e.g. uint8 images ``[B, H, W, C]``: pickled through the
+    worker's pipe, which for batches of small arrays costs less than passing tensor storages as file descriptors),
+    int64 labels, keys."""
 
-    images: np.ndarray
+    inputs: RawInputs
     labels: np.ndarray
     keys: list[str]
 
@@ -347,8 +371,7 @@ class ShardDataset(IterableDataset):
         source: ShardSource,
         *,
         batch_size: int,
-        geometry: Any,
-        channels: int = 3,
+        codec: SampleCodec,
         shuffle: bool = True,
         seed: int = 0,
         epoch: int = 0,
@@ -369,9 +392,7 @@ class ShardDataset(IterableDataset):
             raise ValueError("partition='range' needs per-shard sample counts (an index.json beside the shards)")
         self.source = source
         self.batch_size = batch_size
-        self.geometry = geometry
-        self.channels = channels
-        self.decoder = Decoder([ImageDecoder(channels)])
+        self.codec = codec
         self.shuffle, self.seed = shuffle, seed
         # shared memory: a persistent DataLoader worker sees set_epoch() without being restarted
         self._epoch = mp.RawValue("q", int(epoch))
@@ -456,34 +477,36 @@ class ShardDataset(IterableDataset):
                 raise RuntimeError(f"resampling read {empty} empty or unreadable shards in a row from {urls[:3]}...")
 
     # -- decoding
-    def _prepare(self, sample: dict[str, Any], stats: _Stats) -> tuple[np.ndarray, int, str] | None:
+    def _prepare(self, sample: dict[str, Any], stats: _Stats) -> tuple[Any, int, str] | None:
         key, url = sample.get("__key__"), sample.get("__url__")
-        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if image_key is None or LABEL_KEY not in sample:
+        codec = self.codec
+        media_key = next((k for k in codec.keys if k in sample), None)
+        if media_key is None or LABEL_KEY not in sample:
             present = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "none"
-            what = f"image key (one of {', '.join(IMAGE_KEYS)})" if image_key is None else f"key {LABEL_KEY!r}"
+            what = (
+                f"{codec.modality} key (one of {', '.join(codec.keys)})" if media_key is None else f"key {LABEL_KEY!r}"
+            )
             raise MissingKeyError(
                 f"missing {what} in sample {key!r} of shard {url}; the sample has: {present}"
-                + ("" if image_key is None else " (cls is the class label)")
+                + ("" if media_key is None else " (cls is the class label)")
             )
         try:
-            decoded = self.decoder({"__key__": key, image_key: sample[image_key], LABEL_KEY: sample[LABEL_KEY]})
-        except Exception as exn:  # truncated/invalid image, unparsable label: skip and count
+            label = int(bytes(sample[LABEL_KEY]).decode("ascii").strip())
+            item = codec.decode(sample[media_key], media_key, key)
+        except Exception as exn:  # truncated/invalid media, unparsable label: skip and count
             cause = exn.__cause__ or exn
             stats.skipped += 1
             stats.note(f"{key} in {url}: {type(cause).__name__}: {cause}")
             return None
-        label = decoded[LABEL_KEY]
-        if not isinstance(label, int) or (self.num_classes is not None and not 0 <= label < self.num_classes):
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
             raise ValueError(
                 f"label {label!r} of sample {key!r} in shard {url} is outside 0..{(self.num_classes or 0) - 1}"
             )
-        return to_uint8_hwc(self.geometry(decoded[image_key]), self.channels), label, key
+        return item, label, key
 
-    @staticmethod
-    def _collate(items: list[tuple[np.ndarray, int, str]]) -> _RawBatch:
+    def _collate(self, items: list[tuple[Any, int, str]]) -> _RawBatch:
         return _RawBatch(
-            np.stack([x for x, _, _ in items]),
+            self.codec.collate([x for x, _, _ in items]),
             np.array([y for _, y, _ in items], dtype=np.int64),
             [k for *_, k in items],
         )
@@ -547,8 +570,6 @@ class ShardLoader:
         self,
         dataset: ShardDataset,
         *,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
         num_workers: int = 2,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
@@ -557,8 +578,6 @@ class ShardLoader:
         persistent_workers: bool = True,
     ):
         self.dataset = dataset
-        self.mean, self.std = _mean_std(dataset.channels, mean, std)
-        self.normalize = BatchNormalizer(self.mean, self.std)
         self.num_workers = num_workers
         self.persistent_workers = persistent_workers and num_workers > 0
         self._loader: DataLoader | None = None
@@ -681,11 +700,19 @@ class ShardLoader:
             **kwargs,
         )
 
+    @property
+    def codec(self) -> SampleCodec:
+        return self.dataset.codec
+
+    @property
+    def modality(self) -> str:
+        return self.dataset.codec.modality
+
     def _finish(self, raw: _RawBatch) -> Batch:
-        """Normalise a worker's uint8 batch (in this process: one vectorised op per batch)."""
-        batch, height, width, channels = raw.images.shape
-        out = torch.empty((batch, channels, height, width), dtype=torch.float32, pin_memory=self.pin_memory)
-        return Batch(self.normalize(raw.images, out=out), torch.from_numpy(raw.labels), raw.keys)
+        """Tensors from a worker's numpy batch (in this process; images and frames are normalised here in one
+        vectorised op per batch)."""
+        inputs, mask, extra = self.dataset.codec.finish(raw.inputs, self.pin_memory)
+        return Batch(inputs, torch.from_numpy(raw.labels), raw.keys, mask, extra)
 
     def close(self) -> None:
         """Stop persistent workers now (they also stop when the loader is garbage collected)."""
@@ -754,7 +781,7 @@ def build_loader(
     split: str = "train",
     *,
     batch_size: int,
-    image_size: int | tuple[int, int],
+    image_size: int | tuple[int, int] | None = None,
     num_workers: int = 2,
     shuffle: bool = True,
     seed: int = 0,
@@ -775,8 +802,17 @@ def build_loader(
     prefetch_factor: int | None = None,
     persistent_workers: bool = True,
     multiprocessing_context: Any = None,
+    modality: str | None = None,
+    codec: SampleCodec | None = None,
+    num_points: int | None = None,
+    sample_rate: int = 16000,
+    max_seconds: float | None = None,
+    num_frames: int | None = 16,
+    frame_sampling: str = "uniform",
+    frame_stride: int = 1,
+    motion_vectors: bool = False,
 ) -> ShardLoader:
-    """A loader over the image-classification shards of `split` for this rank.
+    """A loader over the classification shards of `split` for this rank, for any modality.
 
     Args:
         root_or_shards: a shard folder (with ``index.json``), an ``index.json``, a ``.tar``, a brace pattern or a list
@@ -784,7 +820,7 @@ def build_loader(
         split: the split to read from a folder.
         batch_size: samples per batch (each worker fills its own batches; the last one of each worker may be short
             unless `drop_last`).
-        image_size: output side (int) or ``(H, W)``.
+        image_size: images: output side (int) or ``(H, W)`` (required); video: resize frames (None keeps them).
         num_workers: DataLoader worker processes (0 reads in the main process).
         shuffle: shuffle shard order and samples (buffer of `shuffle_buffer`, starting after `shuffle_initial`,
             default a quarter of it); False reads in shard order (evaluation).
@@ -792,8 +828,9 @@ def build_loader(
         resampled: draw shards with replacement forever (step-based training); `epoch_samples` cuts it into
             nominal epochs of that many samples over all ranks.
         rank, world_size: this process's place; default from torch.distributed when initialised, else 0 and 1.
-        augment: None (``light`` for the ``train`` split, else none), ``light``/True, ``crop``, ``none``/False, a dict
-            or a callable (`build_transform`).
+        augment: None (the modality's default for the ``train`` split, else none), or for images ``light``/True,
+            ``crop``, ``none``/False, a dict or a callable (`build_transform`); for points a preset or dict
+            (`PointsCodec`); for audio the random gain in dB (a number); video has no augmentation.
         channels: 1 (grayscale) or 3 (RGB); images are converted.
         mean, std: normalisation (default ImageNet for 3 channels, 0.5 for 1).
         partition: ``auto``, ``range`` or ``shards`` (module docstring).
@@ -802,6 +839,11 @@ def build_loader(
             vs ~6,100 img/s from pageable memory (the page-locked allocation costs more than it saves there).
         persistent_workers: keep the worker processes between epochs (the epoch reaches them through shared
             memory); False starts fresh workers each epoch.
+        modality: ``image``, ``points``, ``audio`` or ``video``; default: the ``index.json``'s, else ``image``.
+        codec: a `SampleCodec` used instead of the one built from the arguments here.
+        num_points: points: points kept per cloud (`PointsCodec`).
+        sample_rate, max_seconds: audio: the model's rate and the crop length (`AudioCodec`).
+        num_frames, frame_sampling, frame_stride, motion_vectors: video (`VideoCodec`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -815,15 +857,32 @@ def build_loader(
     if epoch_samples is not None and not resampled:
         raise ValueError("epoch_samples is for resampled=True (exact epochs have the size of the split)")
     source = resolve_shards(root_or_shards, split)
-    if source.index is not None and source.index.modality != "image":
-        raise ShardIndexError(f"these shards hold {source.index.modality!r} samples, not images")
-    geometry = build_geometry(image_size, train=split == "train", augment=augment)
+    stored = source.index.modality if source.index is not None else None
+    if codec is None:
+        modality = modality or stored or "image"
+        codec = _make_codec(
+            modality,
+            train=split == "train",
+            augment=augment,
+            image_size=image_size,
+            channels=channels,
+            mean=mean,
+            std=std,
+            num_points=num_points,
+            sample_rate=sample_rate,
+            max_seconds=max_seconds,
+            num_frames=num_frames,
+            frame_sampling=frame_sampling,
+            frame_stride=frame_stride,
+            motion_vectors=motion_vectors,
+        )
+    if stored is not None and stored != codec.modality:
+        raise ShardIndexError(f"these shards hold {stored!r} samples, not {codec.modality}")
     names = source.class_names
     dataset = ShardDataset(
         source,
         batch_size=batch_size,
-        geometry=geometry,
-        channels=channels,
+        codec=codec,
         shuffle=shuffle,
         seed=seed,
         epoch=epoch,
@@ -839,11 +898,40 @@ def build_loader(
     )
     return ShardLoader(
         dataset,
-        mean=mean,
-        std=std,
         num_workers=num_workers,
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor,
         multiprocessing_context=multiprocessing_context,
         persistent_workers=persistent_workers,
     )
+
+
+def _make_codec(modality: str, *, train: bool, augment: Any, image_size: Any, channels: int, **kw: Any) -> SampleCodec:
+    if modality == "image":
+        if image_size is None:
+            raise ValueError("image shards need image_size")
+        return ImageCodec(image_size, train=train, augment=augment, channels=channels, mean=kw["mean"], std=kw["std"])
+    if modality == "points":
+        return PointsCodec(kw["num_points"], train=train, augment=augment)
+    if modality == "audio":
+        if augment not in (None, False, True) and not isinstance(augment, int | float):
+            raise ValueError(f"audio augment is a random gain in dB (a number), got {augment!r}")
+        gain = 0.0 if augment in (None, False) else 6.0 if augment is True else float(augment)
+        return AudioCodec(kw["sample_rate"], train=train, max_seconds=kw["max_seconds"], gain_db=gain if train else 0.0)
+    if modality == "video":
+        if augment not in (None, False, "none"):
+            raise ValueError(
+                f"video loaders have no augmentation (a flip would change a motion class); got augment={augment!r}: "
+                "set data.augment=false"
+            )
+        return VideoCodec(
+            kw["num_frames"],
+            train=train,
+            sampling=kw["frame_sampling"],
+            stride=kw["frame_stride"],
+            image_size=image_size,
+            motion_vectors=kw["motion_vectors"],
+            mean=kw["mean"],
+            std=kw["std"],
+        )
+    raise ValueError(f"unknown modality {modality!r} (image, points, audio, video)")

@@ -41,9 +41,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return {n: t for n, t in model.state_dict(keep_vars=True).items() if n not in params}
+
+
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name (frozen LLM weights are rebuilt from their source, never saved)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    """What training changes, by name: the trainable parameters and the persistent buffers (BatchNorm running
+    statistics of a point tokenizer, ...). Frozen LLM weights are rebuilt from their source, never saved."""
+    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.detach() for n, b in _persistent_buffers(model).items()})
+    return state
 
 
 def ensure_dataset(data_cfg: Mapping[str, Any], dist_info: DistInfo) -> None:
@@ -55,7 +63,7 @@ def ensure_dataset(data_cfg: Mapping[str, Any], dist_info: DistInfo) -> None:
     if name is None:
         raise FileNotFoundError(
             f"no shards at {root} (index.json missing): write some with `mmblocks shards write ...` or set "
-            "data.dataset to an offline dataset (digits, textures)"
+            "data.dataset to an offline dataset (digits, textures, meshes, keywords, moving-digits)"
         )
     if dist_info.is_main:
         from ..data import make_dataset
@@ -151,18 +159,29 @@ class Trainer:
         from ..data import build_loader
 
         d = self.cfg["data"]
+        augment: Any = d["augment"] and train
+        if augment and d["augment_policy"] is not None:
+            augment = d["augment_policy"]
         return build_loader(
             d["root"],
             split,
             batch_size=d["batch_size"] if train else (d["eval_batch_size"] or d["batch_size"]),
             image_size=d["image_size"],
+            modality=d["modality"],
+            num_points=d["num_points"],
+            sample_rate=d["sample_rate"],
+            max_seconds=d["max_seconds"],
+            num_frames=d["num_frames"],
+            frame_sampling=d["frame_sampling"],
+            frame_stride=d["frame_stride"],
+            motion_vectors=d["motion_vectors"],
             num_workers=d["num_workers"],
             shuffle=train,
             seed=self.cfg["train"]["seed"],
             resampled=d["resampled"] and train,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
-            augment=d["augment"] and train,
+            augment=augment,
             channels=d["channels"],
             drop_last=False,
         )
@@ -203,7 +222,7 @@ class Trainer:
         missing = set(trainable_state_dict(self.model)) - set(state["model_state"])
         if missing:
             raise KeyError(f"checkpoint {path} lacks trainable weights, e.g. {sorted(missing)[:3]}")
-        params = dict(self.model.named_parameters())
+        params = {**dict(self.model.named_parameters()), **_persistent_buffers(self.model)}
         with torch.no_grad():
             for name, value in state["model_state"].items():
                 if name not in params:
@@ -228,12 +247,11 @@ class Trainer:
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, correct; one sync at the end
         count = 0
         for batch in loader:
-            images, labels = (
-                batch.image.to(self.device, non_blocking=True),
-                batch.label.to(self.device, non_blocking=True),
-            )
+            batch = batch.to(self.device, non_blocking=True)
+            labels = batch.label
+            args, kwargs = batch.model_inputs()
             with self._autocast():
-                logits = model(images)
+                logits = model(*args, **kwargs)
             totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
             totals[1] += (logits.argmax(-1) == labels).sum()
             count += labels.numel()
@@ -252,12 +270,15 @@ class Trainer:
             next(it, None)
         yield from it
 
-    def _micro_step(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward + backward of one micro-batch; returns the detached loss and accuracy (no host sync)."""
+    def _micro_step(self, batch: Any, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward + backward of one micro-batch (a `Batch` on the device); returns the detached loss and accuracy
+        (no host sync)."""
+        labels = batch.label
+        args, kwargs = batch.model_inputs()
         ctx = self.ddp_model.no_sync() if (self.dist.distributed and not sync) else nullcontext()
         with ctx:
             with self._autocast():
-                logits = self.ddp_model(images)
+                logits = self.ddp_model(*args, **kwargs)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg["train"]["label_smoothing"])
                 aux = self.model.aux_loss
                 total = loss + aux if isinstance(aux, torch.Tensor) else loss
@@ -319,11 +340,10 @@ class Trainer:
                 timer.data_done()
                 samples = 0
                 for i, batch in enumerate(micro):
-                    images = batch.image.to(self.device, non_blocking=True)
-                    labels = batch.label.to(self.device, non_blocking=True)
-                    loss, acc = self._micro_step(images, labels, sync=i == len(micro) - 1)
+                    batch = batch.to(self.device, non_blocking=True)
+                    loss, acc = self._micro_step(batch, sync=i == len(micro) - 1)
                     run_loss, run_acc, n_micro = run_loss + loss, run_acc + acc, n_micro + 1
-                    samples += labels.numel()
+                    samples += batch.label.numel()
                 grad_norm = self._optimizer_step()
                 self.batch_in_epoch += len(micro)
                 epoch_steps += 1
@@ -403,7 +423,8 @@ class Trainer:
             "seconds": seconds,
             "world_size": self.dist.world_size,
             "device": str(self.device),
-            "backbone": m["backbone"]["name"],
+            "tokenizer": m["tokenizer"]["name"] or "image_patches",
+            "backbone": m["backbone"]["name"] if m["backbone"]["type"] == "vit" else m["backbone"]["type"],
             "llm": (
                 f"{m['llm']['source']} layers {m['llm']['layers']} tune={m['llm']['tune']}"
                 if m["llm"]["enabled"]
