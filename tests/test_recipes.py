@@ -13,10 +13,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from mmblocks.config import load_config
 from mmblocks.data import make_dataset
-from mmblocks.train import Trainer
+from mmblocks.train import Trainer, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(
@@ -84,5 +85,12 @@ def test_recipe_trains_from_shards(recipe, small_datasets, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
     assert len(train_rows) == 2 and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in train_rows)
+    state = load_file(latest_checkpoint(tmp_path / "run" / "checkpoints") / "model.safetensors")
+    if cfg["model"]["backbone"]["type"] == "point_transformer":  # BatchNorm statistics are trained state too
+        assert "tokenizer.encoder.first.1.running_var" in state
+    if cfg["model"]["llm"]["enabled"]:  # frozen LLM weights are rebuilt from their source, never saved
+        assert cfg["model"]["llm"]["tune"] in ("frozen", "random")
+        assert not [k for k in state if k.startswith("llm_stage.blocks")]
+        assert any(k.startswith("llm_stage.adapter_in") for k in state)
     index = json.loads((root / "index.json").read_text())
     assert summary["test"]["samples"] == index["splits"]["test"]["num_samples"]  # every test clip/cloud counted once
