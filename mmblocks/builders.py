@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from adapters import create_adapter
@@ -20,6 +22,8 @@ __all__ = [
     "build_encoder",
     "build_llm_stage",
     "build_tokenizer_and_backbone",
+    "freeze_stages",
+    "load_encoder_weights",
     "vit_tiny_llm_last",
     "vit_small_llm_last",
     "num_classes_from_data",
@@ -118,6 +122,69 @@ def build_llm_stage(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], wi
     )
 
 
+#: Encoder stages a config may initialise from a checkpoint or freeze (attribute prefixes of `MMEncoder`).
+ENCODER_STAGES = ("tokenizer", "backbone", "llm_stage", "head")
+
+
+def _prefixes(stages: Sequence[str]) -> tuple[str, ...]:
+    bad = [s for s in stages if s not in ENCODER_STAGES]
+    if bad:
+        raise ConfigError(f"unknown encoder stage(s) {bad}; stages are {list(ENCODER_STAGES)}")
+    return tuple(f"{s}." for s in stages)
+
+
+def load_encoder_weights(
+    encoder: MMEncoder, checkpoint: str | os.PathLike, stages: Sequence[str] = ENCODER_STAGES
+) -> list[str]:
+    """Copy the weights of `stages` from an mmblocks checkpoint (a ``step-*`` folder, a ``checkpoints`` folder (its
+    latest) or a ``model.safetensors`` file) into `encoder`; returns the names loaded.
+
+    Only tensors of the named stages are read (e.g. a trained tokenizer + backbone under a new head or a new LLM
+    stage). A shape mismatch, or a stage with nothing to load, is an error."""
+    from safetensors.torch import load_file
+
+    from .train.checkpoint import MODEL_FILE, latest_checkpoint
+
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        folder = path if (path / MODEL_FILE).is_file() else latest_checkpoint(path)
+        if folder is None:
+            raise FileNotFoundError(f"{path} holds no complete checkpoint")
+        path = folder / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint weights {path} not found")
+    stored = load_file(str(path))
+    prefixes = _prefixes(stages)
+    own = {**dict(encoder.named_parameters()), **dict(encoder.named_buffers())}
+    loaded = []
+    with torch.no_grad():
+        for name, value in stored.items():
+            if not name.startswith(prefixes) or name not in own:
+                continue
+            if own[name].shape != value.shape:
+                raise ValueError(
+                    f"{path}: {name} has shape {tuple(value.shape)}, the encoder {tuple(own[name].shape)} "
+                    "(build the encoder with the configuration that trained the checkpoint)"
+                )
+            own[name].copy_(value)
+            loaded.append(name)
+    for prefix in prefixes:
+        if not any(n.startswith(prefix) for n in loaded) and any(n.startswith(prefix) for n in own):
+            raise ValueError(f"{path} holds no weights for stage {prefix[:-1]!r} of this encoder")
+    return loaded
+
+
+def freeze_stages(encoder: MMEncoder, stages: Sequence[str]) -> None:
+    """Turn off gradients of the named stages (a frozen pretrained tower under a trained adapter, ...); frozen
+    stages also run in eval mode (no dropout, drop-path or BatchNorm updates) whatever the encoder's mode."""
+    prefixes = _prefixes(stages)
+    for name, param in encoder.named_parameters():
+        if name.startswith(prefixes):
+            param.requires_grad_(False)
+    encoder.frozen_stages = tuple(stages)
+    encoder.train(encoder.training)
+
+
 def build_encoder(
     cfg: Mapping[str, Any] | str | os.PathLike, num_classes: int | None = None, verbose: bool = True
 ) -> MMEncoder:
@@ -135,6 +202,10 @@ def build_encoder(
     if classes:
         head = ClassifierHead(backbone.embed_dim, classes, pool=m["head"]["pool"], dropout=m["head"]["dropout"])
     encoder = MMEncoder(tokenizer, backbone, llm_stage, head, insert_at=m["insert_at"])
+    init = m["init"]
+    if init["checkpoint"] is not None:
+        load_encoder_weights(encoder, init["checkpoint"], stages=init["stages"])
+    freeze_stages(encoder, m["freeze"])
     if verbose:
         print(encoder.parameter_table())
     return encoder

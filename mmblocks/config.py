@@ -119,6 +119,11 @@ SCHEMA: Schema = {
             "dropout": Field(0.0, FLOAT),
         },
         "num_classes": Field(None, INT, nullable=True, doc="default: from the shards' index.json"),
+        "init": {
+            "checkpoint": Field(None, STR, nullable=True, doc="an mmblocks checkpoint to initialise stages from"),
+            "stages": Field(["tokenizer", "backbone"], (list,), doc="stages read from init.checkpoint"),
+        },
+        "freeze": Field([], (list,), doc="stages without gradients: tokenizer, backbone, llm_stage, head"),
     },
     "data": {
         "dataset": Field(

@@ -76,6 +76,16 @@ class MMEncoder(nn.Module):
         self.head = head
         self.insert_at = insert_at
         self.grad_checkpointing = False
+        self.frozen_stages: tuple[str, ...] = ()  # attribute names kept in eval mode (`builders.freeze_stages`)
+
+    def train(self, mode: bool = True) -> MMEncoder:
+        """`nn.Module.train`, except that frozen stages stay in eval mode (no dropout, drop-path, BatchNorm updates)."""
+        super().train(mode)
+        for name in self.frozen_stages:
+            stage = getattr(self, name, None)
+            if stage is not None:
+                stage.eval()
+        return self
 
     # ------------------------------------------------------------------ structure
     def layer_names(self) -> list[str]:
