@@ -16,7 +16,7 @@ from tokenizers_mm import create_tokenizer
 from .config import ConfigError, load_config
 from .heads import ClassifierHead
 from .llm import load_blocks
-from .models import LLMStage, MMEncoder, PointTransformer, TimmViT
+from .models import CausalViT, LLMStage, MMEncoder, PointTransformer, TimmViT
 
 __all__ = [
     "build_encoder",
@@ -59,6 +59,27 @@ def build_tokenizer_and_backbone(model_cfg: Mapping[str, Any], data_cfg: Mapping
     """
     bb, tok = model_cfg["backbone"], model_cfg["tokenizer"]
     name, tok_kwargs = tok["name"], dict(tok["kwargs"])
+    if bb["type"] == "causal_vit":
+        if name not in (None, "image_patches_cls_last") or tok_kwargs:
+            raise ConfigError("model.tokenizer: causal_vit uses its own patch embedding (set sizes in model.backbone)")
+        backbone = CausalViT(
+            bb["size"],
+            img_size=bb["img_size"] or 224,
+            patch_size=bb["patch_size"] or 16,
+            in_chans=data_cfg["channels"],
+            embed_dim=bb["embed_dim"],
+            depth=bb["depth"],
+            num_heads=bb["num_heads"],
+            attention=bb["attention"],
+            causal_impl=bb["causal_impl"],
+            soft_mask=bb["soft_mask"],
+            cls_position=bb["cls_position"],
+            rope=bb["rope"],
+            rope_theta=bb["rope_theta"],
+            rope_train_grid=bb["rope_train_grid"],
+            drop_path_rate=bb["drop_path_rate"],
+        )
+        return backbone.make_tokenizer(), backbone
     if bb["type"] == "point_transformer":
         if name not in (None, "points"):
             raise ConfigError(f"model.tokenizer.name: backbone.type point_transformer needs 'points', got {name!r}")
@@ -112,6 +133,10 @@ def build_llm_stage(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], wi
         attn_implementation=llm_cfg["attn_implementation"],
         config_overrides=llm_cfg["config_overrides"] or None,
         seed=llm_cfg["seed"],
+        causal_impl=llm_cfg["causal_impl"],
+        soft_mask=llm_cfg["soft_mask"],
+        rope_theta=llm_cfg["rope_theta"],
+        rope_train_grid=llm_cfg["rope_train_grid"],
         **llm_cfg["tune_kwargs"],
     )
     a_in, a_out = model_cfg["adapter_in"], model_cfg["adapter_out"]
@@ -200,7 +225,8 @@ def build_encoder(
     classes = num_classes or m["num_classes"] or num_classes_from_data(cfg["data"])
     head = None
     if classes:
-        head = ClassifierHead(backbone.embed_dim, classes, pool=m["head"]["pool"], dropout=m["head"]["dropout"])
+        pool = m["head"]["pool"] or getattr(backbone, "readout", "cls")
+        head = ClassifierHead(backbone.embed_dim, classes, pool=pool, dropout=m["head"]["dropout"])
     encoder = MMEncoder(tokenizer, backbone, llm_stage, head, insert_at=m["insert_at"])
     init = m["init"]
     if init["checkpoint"] is not None:

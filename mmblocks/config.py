@@ -75,9 +75,22 @@ SCHEMA: Schema = {
             "type": Field(
                 "vit",
                 STR,
-                choices=("vit", "point_transformer"),
-                doc="vit: timm ViT blocks (images, AST audio, VideoMAE video); point_transformer: Point-BERT",
+                choices=("vit", "point_transformer", "causal_vit"),
+                doc="vit: timm ViT blocks (images, AST audio, VideoMAE video); point_transformer: Point-BERT; "
+                "causal_vit: iLLaMA (RMSNorm, SwiGLU, RoPE, cls last)",
             ),
+            "size": Field("tiny", STR, choices=("tiny", "small", "base", "large"), doc="causal_vit preset"),
+            "attention": Field(
+                "causal", STR, choices=("causal", "bidirectional", "soft"), doc="causal_vit attention mode"
+            ),
+            "causal_impl": Field("pre_softmax", STR, choices=("pre_softmax", "post_softmax_mult")),
+            "soft_mask": Field(
+                None, (dict, float), nullable=True, open_mapping=True, doc="mode/cutoff/unit/r_start/r_end"
+            ),
+            "cls_position": Field("last", STR, choices=("last", "first"), doc="causal_vit class token place"),
+            "rope": Field("1d", STR, choices=("1d", "2d", "none"), doc="causal_vit rotary"),
+            "rope_theta": Field(10000.0, FLOAT),
+            "rope_train_grid": Field(None, (list, str), nullable=True, doc="AS2DRoPE training grid, or 'auto'"),
             "name": Field("vit_tiny_patch16_224", STR, doc="a timm ViT name (type vit)"),
             "img_size": Field(None, INT, nullable=True),
             "patch_size": Field(None, INT, nullable=True),
@@ -95,8 +108,14 @@ SCHEMA: Schema = {
             "enabled": Field(False, BOOL, doc="insert LLM blocks (adapter_in -> blocks -> adapter_out)"),
             "source": Field("smollm2-135m", STR),
             "layers": Field([-1], (list, int)),
-            "attention": Field("bidirectional", STR, choices=("bidirectional", "causal")),
-            "rope": Field("none", STR, choices=("none", "native")),
+            "attention": Field("bidirectional", STR, choices=("bidirectional", "causal", "soft")),
+            "causal_impl": Field("pre_softmax", STR, choices=("pre_softmax", "post_softmax_mult")),
+            "soft_mask": Field(
+                None, (dict, float), nullable=True, open_mapping=True, doc="schedule of attention: soft"
+            ),
+            "rope": Field("none", STR, choices=("none", "native", "2d", "3d")),
+            "rope_theta": Field(10000.0, FLOAT),
+            "rope_train_grid": Field(None, (list,), nullable=True, doc="AS2DRoPE: the training grid"),
             "final_norm": Field("rms_unit", STR, choices=("none", "rms_unit", "llm")),
             "tune": Field("frozen", STR, choices=_tunes),
             "tune_kwargs": Field({}, (dict,), open_mapping=True),
@@ -115,7 +134,13 @@ SCHEMA: Schema = {
         },
         "insert_at": Field(None, INT, nullable=True, doc="backbone blocks before the LLM stage (default: all)"),
         "head": {
-            "pool": Field("cls", STR, choices=("cls", "mean", "last", "cls+max")),
+            "pool": Field(
+                None,
+                STR,
+                nullable=True,
+                choices=("cls", "mean", "last", "cls+max"),
+                doc="null: the backbone's readout (cls; last for a cls-last causal ViT)",
+            ),
             "dropout": Field(0.0, FLOAT),
         },
         "num_classes": Field(None, INT, nullable=True, doc="default: from the shards' index.json"),

@@ -85,3 +85,21 @@ def test_init_from_checkpoint_and_freeze(tmp_path):
         load_encoder_weights(encoder, tmp_path / "tokenizer.safetensors", stages=["backbone"])
     with pytest.raises(ConfigError, match="unknown encoder stage"):
         freeze_stages(encoder, ["blocks"])
+
+
+def test_llm_stage_soft_attention_and_2d_rope_from_a_config():
+    from mmblocks.models import advance_soft_masks
+
+    llm = {
+        "enabled": True,
+        "source": "random:llama",
+        "config_overrides": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                             "num_key_value_heads": 2, "num_hidden_layers": 2},
+        "layers": [-1],
+        "attention": "soft",
+        "soft_mask": {"mode": "linear", "cutoff": 2, "unit": "steps"},
+        "rope": "2d",
+    }  # fmt: skip
+    encoder = build_encoder(_cfg(llm=llm), verbose=False)
+    assert advance_soft_masks(encoder, 1) == {"llm_stage.blocks": 0.5}
+    assert encoder(torch.randn(2, 3, 16, 16)).shape == (2, 3)

@@ -134,3 +134,202 @@ def test_dtype_and_autocast(tiny_checkpoint):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         z = ref(x)
     torch.testing.assert_close(y, z.float(), atol=0.1, rtol=0.05)
+
+
+# ------------------------------------------------------------------------------------------------ soft / post-softmax
+SOFT_FAMILIES = ["llama", "gemma3_text", "gpt2", "bert"]
+
+
+def _soft(folder, layers, impl, causal_impl="pre_softmax", **kw):
+    blocks = load_blocks(folder, layers, attention="soft", attn_implementation=impl, **kw)
+    blocks.causal_impl = causal_impl
+    return blocks
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("family", SOFT_FAMILIES)
+def test_soft_end_points_equal_bidirectional_and_causal(family, impl, tiny_checkpoint):
+    """r = 1 is bidirectional and r = 0 causal (pre_softmax), on every backend that takes a float mask."""
+    if not _supported(family, impl):
+        pytest.skip(f"{family} does not support {impl}")
+    folder = tiny_checkpoint(family)
+    layers = [0, 1]
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0))
+    soft = _soft(folder, layers, impl)
+    with torch.no_grad():
+        bi = load_blocks(folder, layers, attention="bidirectional", attn_implementation=impl)(x)
+        ca = load_blocks(folder, layers, attention="causal", attn_implementation=impl)(x)
+        soft.set_soft_mask_ratio(1.0)
+        torch.testing.assert_close(soft(x), bi, atol=1e-5, rtol=0)
+        soft.set_soft_mask_ratio(0.0)
+        torch.testing.assert_close(soft(x), ca, atol=1e-5, rtol=0)
+        soft.set_soft_mask_ratio(0.5)
+        mid = soft(x)
+    assert not torch.allclose(mid, bi, atol=1e-4) and not torch.allclose(mid, ca, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2", "bert", "gpt_neox"])
+def test_post_softmax_mult_end_points(family, tiny_checkpoint):
+    """post_softmax_mult (eager): r = 1 is bidirectional; r = 0 equals attention="causal" with the same impl and
+    differs from the pre-softmax causal mask (it does not renormalise)."""
+    folder = tiny_checkpoint(family)
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0))
+    soft = _soft(folder, [0, 1], "eager", "post_softmax_mult")
+    causal_post = load_blocks(folder, [0, 1], attention="causal", attn_implementation="eager")
+    causal_post.causal_impl = "post_softmax_mult"
+    with torch.no_grad():
+        bi = load_blocks(folder, [0, 1], attention="bidirectional", attn_implementation="eager")(x)
+        pre = load_blocks(folder, [0, 1], attention="causal", attn_implementation="eager")(x)
+        soft.set_soft_mask_ratio(1.0)
+        torch.testing.assert_close(soft(x), bi, atol=1e-5, rtol=0)
+        soft.set_soft_mask_ratio(0.0)
+        torch.testing.assert_close(soft(x), causal_post(x), atol=1e-6, rtol=0)
+    assert not torch.allclose(causal_post(x), pre, atol=1e-4)
+    assert causal_post.attn_implementation == "eager"
+
+
+def test_post_softmax_mult_llama_layer_oracle(tiny_checkpoint):
+    """One Llama layer, rope none, by hand: softmax over all keys, times tril, no renormalisation."""
+    blocks = load_blocks(
+        tiny_checkpoint("llama"), [0], attention="causal", final_norm="none", attn_implementation="eager"
+    )
+    blocks.causal_impl = "post_softmax_mult"
+    layer = blocks.layers[0]
+    attn = layer.self_attn
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = layer.input_layernorm(x)
+        heads = lambda proj: proj(h).view(2, 7, -1, 16).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(attn.q_proj), heads(attn.k_proj), heads(attn.v_proj)
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # 4 query heads, 2 kv heads
+        weights = (q @ k.transpose(-2, -1) * attn.scaling).softmax(-1) * torch.ones(7, 7).tril()
+        o = attn.o_proj((weights @ v).transpose(1, 2).reshape(2, 7, 64))
+        mid = x + o
+        ref = mid + layer.mlp(layer.post_attention_layernorm(mid))
+        torch.testing.assert_close(blocks(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_backends_that_cannot_run_a_mode_raise_clearly(tiny_checkpoint):
+    from mmblocks.llm.attention import backend_supports, check_backend
+
+    with pytest.raises(ValueError, match="only eager attention materialises"):
+        load_blocks(
+            tiny_checkpoint("llama"), [0], attention="causal", attn_implementation="sdpa"
+        ).causal_impl = "post_softmax_mult"
+    blocks = load_blocks(tiny_checkpoint("llama"), [0], attention="soft", attn_implementation="eager")
+    blocks.causal_impl = "post_softmax_mult"
+    with pytest.raises(ValueError, match="only eager attention materialises"):
+        blocks.set_attn_implementation("sdpa")
+    assert blocks.attn_implementation == "eager"
+    with pytest.raises(ValueError, match="takes no float mask"):
+        check_backend("flash_attention_2", "soft")
+    assert backend_supports("flash_attention_2", "causal") and backend_supports("flex_attention", "soft")
+    assert not backend_supports("sdpa", "soft", "post_softmax_mult")
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("causal_impl", ["pre_softmax", "post_softmax_mult"])
+def test_soft_padding_never_changes_real_tokens(causal_impl, impl, tiny_checkpoint):
+    if causal_impl == "post_softmax_mult" and impl != "eager":
+        pytest.skip("post_softmax_mult runs on eager only")
+    blocks = _soft(tiny_checkpoint("llama"), [0, 1], impl, causal_impl, rope="native")
+    blocks.set_soft_mask_ratio(0.3)
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(1, 6, 64, generator=g)
+    padded = torch.cat([real, 1e4 * torch.ones(1, 4, 64)], dim=1)
+    mask = torch.tensor([[True] * 6 + [False] * 4])
+    with torch.no_grad():
+        alone = blocks(real)
+        out = blocks(Tokens(padded, mask=mask)).x
+    torch.testing.assert_close(out[:, :6], alone, atol=1e-5, rtol=0)
+    assert torch.isfinite(out).all()
+
+
+def test_advance_soft_masks_drives_llm_blocks_and_r_is_checkpointed(tiny_checkpoint):
+    from mmblocks.models import SoftMaskSchedule, advance_soft_masks
+
+    blocks = load_blocks(tiny_checkpoint("llama"), [0], attention="soft", attn_implementation="eager")
+    blocks.soft_mask = SoftMaskSchedule("linear", cutoff=2, unit="epochs")
+    assert advance_soft_masks(torch.nn.Sequential(blocks), 15, steps_per_epoch=10) == {"0": pytest.approx(0.25)}
+    assert float(blocks.soft_mask_ratio) == pytest.approx(0.25)
+    state = blocks.state_dict()
+    assert "soft_mask_ratio" in state
+    fresh = load_blocks(tiny_checkpoint("llama"), [0], attention="soft", attn_implementation="eager")
+    fresh.load_state_dict(state)
+    assert float(fresh.soft_mask_ratio) == pytest.approx(0.25)
+    # the other modes keep their state dict as it was
+    assert "soft_mask_ratio" not in load_blocks(tiny_checkpoint("llama"), [0]).state_dict()
+
+
+def test_soft_without_a_schedule_warns_once(tiny_checkpoint):
+    blocks = load_blocks(tiny_checkpoint("llama"), [0], attention="soft")
+    with pytest.warns(UserWarning, match="without a soft_mask schedule"):
+        blocks(torch.randn(1, 4, 64))
+
+
+# ------------------------------------------------------------------------------------------------ axial rope
+def _grid_tokens(batch: int = 2, h: int = 3, w: int = 4, shift=(0.0, 0.0), seed: int = 0, cls: int = 1) -> Tokens:
+    from mmblocks.models.rope import grid_positions
+
+    pos = grid_positions((h, w), num_prefix=cls).expand(batch, -1, -1).clone()
+    pos[:, cls:] += torch.tensor(shift)
+    x = torch.randn(batch, h * w + cls, 64, generator=torch.Generator().manual_seed(seed))
+    return Tokens(x, pos=pos, grid=(h, w), num_prefix=cls, modality="image")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "phi3", "gpt_neox"])
+def test_rope_2d_depends_only_on_relative_positions(family, tiny_checkpoint):
+    """Bidirectional + 2-D rope on grid tokens: shifting every position changes nothing; moving them does. (An
+    unrotated cls token acts as a token at the origin, so it is left out here.)"""
+    blocks = load_blocks(tiny_checkpoint(family), [0, 1], rope="2d", attn_implementation="eager")
+    tokens = _grid_tokens(cls=0)
+    with torch.no_grad():
+        ref = blocks(tokens).x
+        shifted = blocks(_grid_tokens(shift=(5.0, -3.0), cls=0)).x
+        moved = blocks(Tokens(tokens.x, pos=tokens.pos.flip(-1), grid=(3, 4))).x  # transposed: other offsets
+        none = load_blocks(tiny_checkpoint(family), [0, 1], rope="none", attn_implementation="eager")(tokens.x)
+    torch.testing.assert_close(shifted, ref, atol=1e-5, rtol=0)
+    # small random layers: the attention moves the output by ~1e-3, float noise is ~1e-7
+    assert (moved - ref).abs().max() > 1e-4
+    assert (none - ref).abs().max() > 1e-4
+
+
+def test_rope_2d_is_the_hf_layer_called_with_axial_cos_sin(tiny_checkpoint):
+    from mmblocks.models.rope import axial_rope
+
+    blocks = load_blocks(tiny_checkpoint("llama"), [0], rope="2d", final_norm="none", attn_implementation="eager")
+    tokens = _grid_tokens()
+    cos, sin = axial_rope(tokens.pos, 16, num_prefix=1)
+    with torch.no_grad():
+        ref = blocks.layers[0](tokens.x, attention_mask=None, position_embeddings=(cos, sin))
+        torch.testing.assert_close(blocks(tokens).x, ref, atol=1e-6, rtol=0)
+        # the cls (prefix) token is not rotated: same as rope "none" for a lone cls
+        lone = Tokens(tokens.x[:, :1], pos=tokens.pos[:, :1], num_prefix=1)
+        plain = load_blocks(tiny_checkpoint("llama"), [0], rope="none", final_norm="none", attn_implementation="eager")
+        torch.testing.assert_close(blocks(lone).x, plain(tokens.x[:, :1]), atol=1e-6, rtol=0)
+
+
+def test_rope_2d_auto_scale_and_3d(tiny_checkpoint):
+    from mmblocks.models.rope import grid_positions
+
+    scaled = load_blocks(tiny_checkpoint("llama"), [0], rope="2d")
+    scaled.rope_train_grid = (3, 4)  # load_blocks does not take it yet
+    plain = load_blocks(tiny_checkpoint("llama"), [0], rope="2d")
+    big = _grid_tokens(h=6, w=8)  # twice the training grid: positions are halved
+    halved = Tokens(big.x, pos=torch.where(big.pos >= 0, big.pos / 2, big.pos), grid=(6, 8), num_prefix=1)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(big).x, plain(halved).x, atol=1e-5, rtol=0)
+    video = load_blocks(tiny_checkpoint("llama"), [0], rope="3d")
+    pos = grid_positions((2, 2, 3)).expand(2, -1, -1)
+    with torch.no_grad():
+        assert video(Tokens(torch.randn(2, 12, 64), pos=pos, grid=(2, 2, 3))).x.shape == (2, 12, 64)
+
+
+def test_rope_2d_errors(tiny_checkpoint):
+    blocks = load_blocks(tiny_checkpoint("llama"), [0], rope="2d")
+    with pytest.raises(ValueError, match=r"needs Tokens with pos \[B, N, 2\], got a plain tensor"):
+        blocks(torch.randn(1, 5, 64))
+    with pytest.raises(ValueError, match=r"needs Tokens with pos \[B, N, 2\]"):
+        blocks(Tokens(torch.randn(1, 5, 64), pos=torch.rand(1, 5, 3)))
+    with pytest.raises(ValueError, match="has no rotary embedding"):
+        load_blocks(tiny_checkpoint("gpt2"), [0], rope="2d")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,12 +14,21 @@ from torch.utils.checkpoint import checkpoint
 from tokenizers_mm import Tokens
 
 from ..params import parameter_table
-from .attention import ATTENTION_MODES, build_attention_mask, set_causal_flags
+from .attention import (
+    ATTENTION_MODES,
+    CAUSAL_IMPLS,
+    POST_SOFTMAX_MULT_IMPL,
+    check_backend,
+    layer_attention_kwargs,
+    set_causal_flags,
+    uses_post_softmax_mult,
+)
 from .families import FamilySpec
 
-__all__ = ["LLMBlocks", "ROPE_MODES", "FINAL_NORMS", "call_layer"]
+__all__ = ["LLMBlocks", "ROPE_MODES", "AXIAL_ROPES", "FINAL_NORMS", "call_layer"]
 
-ROPE_MODES: tuple[str, ...] = ("none", "native")
+ROPE_MODES: tuple[str, ...] = ("none", "native", "2d", "3d")
+AXIAL_ROPES: dict[str, int] = {"2d": 2, "3d": 3}  # rope mode -> the width Tokens.pos must have
 FINAL_NORMS: tuple[str, ...] = ("none", "rms_unit", "llm")
 
 
@@ -36,6 +46,17 @@ class LLMBlocks(nn.Module):
 
     Input / output: `Tokens` (``x`` ``[B, N, D]``, ``mask`` honoured as a padding mask; returned with the
     same metadata) or a ``[B, N, D]`` tensor (returns a tensor). ``D`` must equal `hidden_size`.
+
+    Attention (`mmblocks.llm.attention`): ``bidirectional``, ``causal`` or ``soft`` (iLLaMA's mix
+    ``r * ones + (1 - r) * tril``; ``r`` comes from the `soft_mask` schedule through `set_soft_mask_ratio`, called
+    by `mmblocks.models.soft_mask.advance_soft_masks`, and is kept in the persistent buffer ``soft_mask_ratio``).
+    ``causal_impl`` picks ``pre_softmax`` (additive mask; every backend for causal, eager / SDPA / flex for soft)
+    or ``post_softmax_mult`` (iLLaMA's multiplicative mask after the softmax; eager only).
+
+    Rotary (`rope`): ``none`` (identity), ``native`` (the model's rotary over token order), ``2d`` / ``3d``
+    (VisionLLaMA's axial rotary over `Tokens.pos` ``[B, N, 2 | 3]``, `mmblocks.models.rope.axial_rope`, with base
+    `rope_theta`, identity for special tokens and AS2DRoPE auto-scaling to `rope_train_grid` when set). Axial
+    rotary needs a rotary family and `Tokens` input with positions of that width.
 
     Attributes:
         hidden_size: the model width ``D``.
@@ -61,12 +82,25 @@ class LLMBlocks(nn.Module):
         final_norm_kind: str = "none",
         source: str = "",
         tune: str = "frozen",
+        causal_impl: str = "pre_softmax",
+        soft_mask: Any = None,
+        rope_theta: float = 10000.0,
+        rope_train_grid: Sequence[int] | None = None,
     ):
         super().__init__()
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         if rope not in ROPE_MODES:
             raise ValueError(f"rope must be one of {ROPE_MODES}, got {rope!r}")
+        if causal_impl not in CAUSAL_IMPLS:
+            raise ValueError(f"causal_impl must be one of {CAUSAL_IMPLS}, got {causal_impl!r}")
+        if rope in AXIAL_ROPES and rotary is None:
+            raise ValueError(
+                f"rope={rope!r} rotates queries and keys, but {family.model_type} has no rotary embedding (its "
+                "positions are absolute, added outside the layers); use rope='none'"
+            )
+        if rope_train_grid is not None and rope in AXIAL_ROPES and len(rope_train_grid) != AXIAL_ROPES[rope]:
+            raise ValueError(f"rope_train_grid {tuple(rope_train_grid)} must have {AXIAL_ROPES[rope]} sizes for {rope}")
         if not (len(layers) == len(layer_indices) == len(layer_types)):
             raise ValueError("layers, layer_indices and layer_types must have the same length")
         self.layers = nn.ModuleList(layers)
@@ -91,6 +125,14 @@ class LLMBlocks(nn.Module):
         self.aux_loss: torch.Tensor | float = 0.0
         self._always_eval: list[nn.Module] = []
         self._pos_cache: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._rotary_dims: dict[str, int] = {}
+        self.rope_theta = float(rope_theta)
+        self.rope_train_grid = None if rope_train_grid is None else tuple(int(g) for g in rope_train_grid)
+        self._backend = str(config._attn_implementation)
+        self._causal_impl = causal_impl
+        self._ratio_given = False
+        self.soft_mask = _schedule(soft_mask)
+        self._attention = attention
         self.attention = attention
 
     # ------------------------------------------------------------------ configuration
@@ -102,9 +144,48 @@ class LLMBlocks(nn.Module):
     def attention(self, mode: str) -> None:
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {mode!r}")
-        self._attention = mode
+        self._configure(mode, self._causal_impl, self._backend)
+
+    @property
+    def causal_impl(self) -> str:
+        """``pre_softmax`` (additive causal mask) or ``post_softmax_mult`` (iLLaMA: weights x mask, eager only)."""
+        return self._causal_impl
+
+    @causal_impl.setter
+    def causal_impl(self, impl: str) -> None:
+        if impl not in CAUSAL_IMPLS:
+            raise ValueError(f"causal_impl must be one of {CAUSAL_IMPLS}, got {impl!r}")
+        self._configure(self._attention, impl, self._backend)
+
+    def _configure(self, mode: str, causal_impl: str, backend: str) -> None:
+        """Check that `backend` runs the mode, then set the modules' causal flags and the configs' backend."""
+        check_backend(backend, mode, causal_impl)
+        self._attention, self._causal_impl, self._backend = mode, causal_impl, backend
         # SDPA and flash fall back on `module.is_causal` when the mask is None: keep it true to the mode.
-        set_causal_flags(self.layers, mode == "causal")
+        set_causal_flags(self.layers, mode == "causal" and causal_impl == "pre_softmax")
+        if mode == "soft" and "soft_mask_ratio" not in self._buffers:
+            start = self.soft_mask.r_start if self.soft_mask is not None else 1.0
+            self._register_ratio(start)
+        # post_softmax_mult runs the family's eager attention through a wrapper registered under its own name
+        effective = POST_SOFTMAX_MULT_IMPL if uses_post_softmax_mult(mode, causal_impl) else backend
+        for cfg in self._configs():
+            cfg._attn_implementation = effective
+
+    def set_soft_mask_ratio(self, ratio: float) -> None:
+        """Set the soft-mask mix ratio ``r`` (1 = bidirectional, 0 = causal) used by ``attention="soft"``."""
+        ratio = float(ratio)
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"the soft mask ratio must lie in [0, 1], got {ratio}")
+        if "soft_mask_ratio" not in self._buffers:
+            self._register_ratio(ratio)
+        else:
+            self.soft_mask_ratio.fill_(ratio)
+        self._ratio_given = True
+
+    def _register_ratio(self, ratio: float) -> None:
+        device = next((p.device for p in self.layers.parameters()), torch.device("cpu"))
+        device = torch.device("cpu") if device.type == "meta" else device
+        self.register_buffer("soft_mask_ratio", torch.tensor(float(ratio), device=device), persistent=True)
 
     @property
     def num_layers(self) -> int:
@@ -118,7 +199,9 @@ class LLMBlocks(nn.Module):
 
     @property
     def attn_implementation(self) -> str:
-        return self.config._attn_implementation
+        """The attention backend chosen (``eager``, ``sdpa``, ...). With ``post_softmax_mult`` the layers' configs
+        name `mmblocks.llm.attention.POST_SOFTMAX_MULT_IMPL`, a wrapper around the family's eager attention."""
+        return self._backend
 
     def _configs(self) -> list[Any]:
         seen: dict[int, Any] = {id(self.config): self.config}
@@ -135,8 +218,7 @@ class LLMBlocks(nn.Module):
             raise ValueError(
                 f"{self.family} does not support attn_implementation={attn_implementation!r}; it supports {allowed}"
             )
-        for cfg in self._configs():
-            cfg._attn_implementation = attn_implementation
+        self._configure(self._attention, self._causal_impl, attn_implementation)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each layer in backward (non-reentrant) to save activation memory when training."""
@@ -153,6 +235,42 @@ class LLMBlocks(nn.Module):
         return self
 
     # ------------------------------------------------------------------ per-forward layer arguments
+    def _rotary_dim(self, layer_type: str, device: torch.device) -> int:
+        """The width the family's rotary rotates (``head_dim``, or less for partial rotary)."""
+        dim = self._rotary_dims.get(layer_type)
+        if dim is None:
+            probe = torch.empty(1, 1, self.hidden_size, device=device)
+            position_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+            with torch.no_grad():
+                extra = (layer_type,) if self.rotary_takes_layer_type else ()
+                cos, _ = self.rotary(probe, position_ids, *extra)
+            dim = self._rotary_dims[layer_type] = int(cos.shape[-1])
+        return dim
+
+    def _axial_positions(
+        self, tokens: Tokens | None, n: int, device: torch.device, dtype: torch.dtype, layer_type: str
+    ):
+        """``(cos, sin) [B, N, rotary_dim]`` of the axial rotary over `Tokens.pos` (``rope="2d" | "3d"``)."""
+        from ..models.rope import axial_rope  # mmblocks.models imports mmblocks.llm: import late
+
+        width = AXIAL_ROPES[self.rope]
+        pos = tokens.pos if tokens is not None else None
+        if pos is None or pos.shape[-1] != width:
+            got = "a plain tensor" if tokens is None else f"Tokens with pos {None if pos is None else tuple(pos.shape)}"
+            raise ValueError(
+                f"rope={self.rope!r} rotates by token coordinates: it needs Tokens with pos [B, N, {width}], got {got}"
+            )
+        return axial_rope(
+            pos.to(device),
+            self._rotary_dim(layer_type, device),
+            theta=self.rope_theta,
+            num_prefix=tokens.num_prefix,
+            num_suffix=tokens.num_suffix,
+            grid=tokens.grid if self.rope_train_grid is not None else None,
+            train_grid=self.rope_train_grid,
+            dtype=dtype,
+        )
+
     def _positions(self, n: int, device: torch.device, dtype: torch.dtype, layer_type: str):
         """``(position_ids [1, N], (cos, sin))`` for a layer type, cached per length, device and dtype."""
         key = (n, device, dtype, layer_type, self.rope)
@@ -180,26 +298,31 @@ class LLMBlocks(nn.Module):
         padding_mask: torch.Tensor | None,
         device: torch.device,
         dtype: torch.dtype,
+        tokens: Tokens | None = None,
     ) -> dict[str, dict[str, Any]]:
         """The keyword arguments each layer type is called with: an explicit mask (or the module's
-        `is_causal` flag, see `attention.py`) and, for rotary families, `position_embeddings`."""
+        `is_causal` flag, see `attention.py`; plus the mask weights for ``post_softmax_mult``) and, for rotary
+        families, `position_embeddings` (axial rotary over ``tokens.pos`` for ``rope="2d" | "3d"``)."""
+        ratio = self._buffers.get("soft_mask_ratio") if self.attention == "soft" else None
         out: dict[str, dict[str, Any]] = {}
         for layer_type in dict.fromkeys(self.layer_types):
             window = self.config.sliding_window if layer_type == "sliding_attention" else None
-            kwargs: dict[str, Any] = {
-                "attention_mask": build_attention_mask(
-                    self.attn_implementation,
-                    self.attention,
-                    batch_size,
-                    num_tokens,
-                    padding_mask,
-                    dtype,
-                    device,
-                    sliding_window=window,
-                )
-            }
+            kwargs: dict[str, Any] = layer_attention_kwargs(
+                self._backend,
+                self.attention,
+                self.causal_impl,
+                batch_size,
+                num_tokens,
+                padding_mask,
+                dtype,
+                device,
+                sliding_window=window,
+                ratio=ratio,
+            )
             if self.rotary is not None:
                 position_ids, cos_sin = self._positions(num_tokens, device, dtype, layer_type)
+                if self.rope in AXIAL_ROPES:
+                    cos_sin = self._axial_positions(tokens, num_tokens, device, dtype, layer_type)
                 kwargs["position_embeddings"] = cos_sin
                 kwargs["position_ids"] = position_ids
             out[layer_type] = kwargs
@@ -232,7 +355,14 @@ class LLMBlocks(nn.Module):
             else hidden.dtype
         )
         b, n, _ = hidden.shape
-        per_type = self.layer_kwargs(b, n, mask, hidden.device, compute_dtype)
+        if self.attention == "soft" and self.soft_mask is None and not self._ratio_given:
+            warnings.warn(
+                "LLMBlocks: attention='soft' without a soft_mask schedule and no set_soft_mask_ratio call: the mix "
+                f"ratio stays at r={float(self.soft_mask_ratio):g}",
+                stacklevel=2,
+            )
+            self._ratio_given = True  # warn once
+        per_type = self.layer_kwargs(b, n, mask, hidden.device, compute_dtype, tokens=tokens)
         keep = mask[..., None] if mask is not None else None
         aux: torch.Tensor | float = 0.0
         for layer, layer_type in zip(self.layers, self.layer_types):
@@ -263,8 +393,29 @@ class LLMBlocks(nn.Module):
         return parameter_table(self.parameter_groups())
 
     def extra_repr(self) -> str:
+        attention = self.attention
+        if attention != "bidirectional":
+            attention += f" ({self.causal_impl})"
+        if self.attention == "soft":
+            attention += f", soft_mask={self.soft_mask}"
+        rope = self.rope
+        if self.rope in AXIAL_ROPES:
+            rope += f" (theta={self.rope_theta:g}, train_grid={self.rope_train_grid})"
         return (
             f"family={self.family}, source={self.source!r}, layers={self.layer_indices}, "
-            f"attention={self.attention}, rope={self.rope}, final_norm={self.final_norm_kind}, tune={self.tune}, "
+            f"attention={attention}, rope={rope}, final_norm={self.final_norm_kind}, tune={self.tune}, "
             f"attn_implementation={self.attn_implementation}"
         )
+
+
+def _schedule(spec: Any) -> Any:
+    """A `SoftMaskSchedule` from a schedule, a mapping or a number (None stays None)."""
+    if spec is None:
+        return None
+    from ..models.soft_mask import SoftMaskSchedule  # mmblocks.models imports mmblocks.llm: import late
+
+    if isinstance(spec, (SoftMaskSchedule, Mapping, int, float)):
+        return SoftMaskSchedule.create(spec)
+    if hasattr(spec, "value"):
+        return spec
+    raise TypeError(f"soft_mask must be a SoftMaskSchedule, a mapping or a number, got {spec!r}")

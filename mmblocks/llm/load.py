@@ -130,6 +130,10 @@ def load_blocks(
     attn_implementation: str | None = None,
     config_overrides: dict[str, Any] | None = None,
     seed: int | None = None,
+    causal_impl: str = "pre_softmax",
+    soft_mask: Any = None,
+    rope_theta: float = 10000.0,
+    rope_train_grid: Sequence[int] | None = None,
     **tune_kwargs: Any,
 ) -> LLMBlocks:
     """Load transformer layers of a pretrained LLM as an `LLMBlocks` module.
@@ -138,9 +142,11 @@ def load_blocks(
         source: a local HF model folder, a ``.gguf`` file, a registered offline name (``smollm2-135m``),
             a repo name in the local HF cache, or ``random:<family>`` (see `mmblocks.llm.sources`).
         layers: indices (negative allowed) or a range; applied in the given order.
-        attention: ``bidirectional`` (the center paper) or ``causal``.
-        rope: ``none`` (identity rotation, the center paper) or ``native`` (the model's rotary over token
-            order 0..N-1). Families with absolute positions outside the layers (OPT, GPT-2, BERT) ignore it.
+        attention: ``bidirectional`` (the center paper), ``causal``, or ``soft`` (iLLaMA's soft mask: the mix
+            ``r * bidirectional + (1 - r) * causal``, r from `soft_mask`, advanced by the trainer).
+        rope: ``none`` (identity rotation, the center paper), ``native`` (the model's rotary over token
+            order 0..N-1; families with absolute positions outside the layers (OPT, GPT-2, BERT) ignore it), or
+            ``2d`` / ``3d`` (VisionLLaMA's axial rotary over ``Tokens.pos``, `mmblocks.models.rope`).
         final_norm: ``none``, ``rms_unit`` (parameter-free RMS norm, the center paper) or ``llm``.
         tune: ``frozen``, ``norm``, ``lora``, ``full``, ``random``, ``gated``, ``expand`` or ``interpolate``;
             options in ``tune_kwargs`` (see `mmblocks.llm.tuning.TUNE_KWARGS`).
@@ -148,6 +154,9 @@ def load_blocks(
         attn_implementation: ``sdpa`` (default), ``eager``, ``flash_attention_2``, ``flex_attention``...
         config_overrides: config fields for ``random:<family>`` sources.
         seed: seed for random initialisation (``random:`` sources and ``tune="random"``).
+        causal_impl: ``pre_softmax`` (additive mask) or ``post_softmax_mult`` (iLLaMA's released code; eager only).
+        soft_mask: the `SoftMaskSchedule` (or its dict) of ``attention="soft"``.
+        rope_theta, rope_train_grid: base frequency and AS2DRoPE training grid of the axial rotary.
     """
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -219,6 +228,10 @@ def load_blocks(
         final_norm=norm_module,
         final_norm_kind=final_norm,
         source=resolved.label,
+        causal_impl=causal_impl,
+        soft_mask=soft_mask,
+        rope_theta=rope_theta,
+        rope_train_grid=rope_train_grid,
     )
     blocks.supported_attn_implementations = supported
     del base, stack

@@ -7,6 +7,9 @@ from .point_transformer import PointTransformer
 __all__ = ["LLMStage", "MMEncoder", "PointTransformer", "TimmViT", "create_timm_vit"]
 
 from .ast import AST_PRESETS, ast_backbone, ast_from_hf, timm_vit_blocks
+from .causal_vit import CAUSAL_VIT_PRESETS, CausalViT, ImagePatchesClsLast, causal_vit
+from .rope import AxialRoPE, apply_rotary, axial_rope, sequence_rope
+from .soft_mask import SoftMaskSchedule, advance_soft_masks
 from .videomae import VIDEOMAE_PRESETS, videomae_backbone, videomae_from_hf
 
 __all__ += [
@@ -17,4 +20,17 @@ __all__ += [
     "timm_vit_blocks",
     "videomae_backbone",
     "videomae_from_hf",
+]
+
+__all__ += [
+    "CAUSAL_VIT_PRESETS",
+    "AxialRoPE",
+    "CausalViT",
+    "ImagePatchesClsLast",
+    "SoftMaskSchedule",
+    "advance_soft_masks",
+    "apply_rotary",
+    "axial_rope",
+    "causal_vit",
+    "sequence_rope",
 ]

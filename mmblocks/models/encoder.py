@@ -140,6 +140,8 @@ class MMEncoder(nn.Module):
         self, inputs: torch.Tensor, mask: torch.Tensor | None, extra: dict[str, torch.Tensor]
     ) -> tuple[Tokens, torch.Tensor | None]:
         tokens = self.tokenize(inputs, mask, **extra)
+        if self.backbone is not None and hasattr(self.backbone, "prepare"):  # e.g. a causal ViT's 2D RoPE grid
+            self.backbone.prepare(tokens)
         if self.backbone is not None and hasattr(self.backbone, "norm_pre"):
             tokens = tokens.with_x(self.backbone.norm_pre(tokens.x))
         pos = self.backbone.block_positions(tokens) if hasattr(self.backbone, "block_positions") else None

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..builders import build_encoder
 from ..config import dump_config, load_config
+from ..models.soft_mask import advance_soft_masks
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_reduce_min, all_reduce_sum, barrier, init_distributed
 from .logging import MetricsLogger, StepTimer
@@ -338,6 +339,8 @@ class Trainer:
                 if all_reduce_min(len(micro), self.device) < accum:
                     break
                 timer.data_done()
+                # soft attention masks (iLLaMA): the mix ratio is a function of the step, set before the forward
+                soft = advance_soft_masks(self.model, self.step, epoch=self.epoch, steps_per_epoch=self.steps_per_epoch)
                 samples = 0
                 for i, batch in enumerate(micro):
                     batch = batch.to(self.device, non_blocking=True)
@@ -359,6 +362,8 @@ class Trainer:
                         "epoch": self.epoch,
                         **perf,
                     }
+                    if soft:
+                        metrics["soft_mask_r"] = next(iter(soft.values()))
                     self.logger.log(self.step, metrics, split="train")
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.3f}")
                     run_loss = run_acc = 0.0
