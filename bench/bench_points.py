@@ -1,9 +1,19 @@
-"""Point grouping (FPS + kNN), batch 32 x 8192 points -> 512 groups x 32: ours vs the pure-torch fallback loop.
+"""Point grouping (FPS + kNN), batch 32 x 8192 points -> 512 groups x 32: ours vs the pure-torch fallback.
 
-The reference is the per-iteration FPS loop of the common PointNet++ / Point-MAE pure-torch fallback (a [B, P, 3]
-difference, a sum, and a boolean-mask update each iteration) followed by the square-distance + topk kNN, written
-here from its description and measured in the same run. Goal: >= 5x for the whole grouping.
-Usage: python bench/bench_points.py [--batch 32] [--points 8192] [--groups 512] [--k 32] [--device cpu|cuda]
+The reference is what Point-BERT / Point-MAE run without their CUDA extensions, written here from its description:
+FPS as the per-iteration loop of the PointNet++ pure-torch port (a [B, P, 3] difference and sum, a boolean-mask update
+of the running distance and a max per iteration; started at index 0 instead of a random point so that both FPS pick
+the same samples), kNN as `knn_point`: `square_distance` (-2 c.x + |c|^2 + |x|^2 as a [B, n, P] matrix) and
+`topk(k, largest=False, sorted=False)`. Ours: `farthest_point_sample` and `knn_group` (exact, nearest first).
+Each repeat times every stage of both in turn (interleaved, so both see the same machine load); medians are printed.
+Checks: both FPS give the same indices; our groups are the brute-force top-k of the exact squared distances (first
+two clouds); the share of groups whose index set equals the reference's (its matmul-form distances round
+differently, so near-ties can swap).
+Goal: >= 5x for FPS + kNN.
+On a machine shared with other jobs, run it with OMP_WAIT_POLICY=PASSIVE: with OpenMP's default spin-waiting, every
+parallel op waits for a descheduled thread, which slows loops of many ops (both FPS, our kNN) by up to 30x.
+Usage: python bench/bench_points.py [--batch 32] [--points 8192] [--groups 512] [--k 32] [--repeats 7] [--threads N]
+       [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -34,68 +44,79 @@ def reference_fps(xyz: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def reference_knn(xyz: torch.Tensor, centers: torch.Tensor, k: int) -> torch.Tensor:
-    dist = -2 * torch.matmul(centers, xyz.transpose(1, 2))
-    dist += torch.sum(centers**2, -1)[:, :, None]
-    dist += torch.sum(xyz**2, -1)[:, None, :]
-    return dist.topk(k, dim=-1, largest=False, sorted=True).indices
+    b, n, _ = centers.shape
+    dist = -2 * torch.matmul(centers, xyz.permute(0, 2, 1))
+    dist += torch.sum(centers**2, -1).view(b, n, 1)
+    dist += torch.sum(xyz**2, -1).view(b, 1, -1)
+    return dist.topk(k, dim=-1, largest=False, sorted=False).indices
 
 
-def _time(fn, repeats: int, device: str) -> float:
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def exact_sq_dist(xyz: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """[B, n, P] squared distances in the expression `knn_group` ranks by."""
+    d = (xyz[:, None, :, 0] - centers[:, :, None, 0]).square()
+    d = d + (xyz[:, None, :, 1] - centers[:, :, None, 1]).square()
+    return d + (xyz[:, None, :, 2] - centers[:, :, None, 2]).square()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--points", type=int, default=8192)
     parser.add_argument("--groups", type=int, default=512)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     xyz = torch.rand(args.batch, args.points, 3, device=args.device)
     rows = torch.arange(args.batch, device=args.device)[:, None]
-    assert torch.equal(reference_fps(xyz, 64), farthest_point_sample(xyz, 64)), "the two FPS must agree"
+    centers = xyz[rows, farthest_point_sample(xyz, args.groups)]
 
-    def ours_fps():
-        return farthest_point_sample(xyz, args.groups)
+    stages = {
+        "FPS": (lambda: reference_fps(xyz, args.groups), lambda: farthest_point_sample(xyz, args.groups)),
+        "kNN": (lambda: reference_knn(xyz, centers, args.k), lambda: knn_group(xyz, centers, args.k)),
+        "FPS + kNN": (
+            lambda: reference_knn(xyz, xyz[rows, reference_fps(xyz, args.groups)], args.k),
+            lambda: knn_group(xyz, xyz[rows, farthest_point_sample(xyz, args.groups)], args.k),
+        ),
+    }
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    times = {(name, who): [] for name in stages for who in (0, 1)}
+    outputs = {}
+    for name, fns in stages.items():  # warm-up, and the outputs to check
+        for who, fn in enumerate(fns):
+            outputs[name, who] = fn()
+    for _ in range(args.repeats):
+        for name, fns in stages.items():
+            for who, fn in enumerate(fns):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name, who].append(time.perf_counter() - t0)
 
-    def ref_fps():
-        return reference_fps(xyz, args.groups)
+    assert torch.equal(outputs["FPS", 0], outputs["FPS", 1]), "the two FPS must agree"
+    ours, ref = outputs["kNN", 1], outputs["kNN", 0]
+    d = exact_sq_dist(xyz[:2], centers[:2])
+    brute = d.topk(args.k, dim=-1, largest=False, sorted=True).values
+    assert torch.equal(d.gather(-1, ours[:2]), brute), "kNN must be the brute-force top-k"
+    same = (ours.sort(-1).values == ref.sort(-1).values).all(-1).float().mean().item()
 
-    centers = xyz[rows, ours_fps()]
-
-    def ours_all():
-        idx = farthest_point_sample(xyz, args.groups)
-        return knn_group(xyz, xyz[rows, idx], args.k)
-
-    def ref_all():
-        idx = reference_fps(xyz, args.groups)
-        return reference_knn(xyz, xyz[rows, idx], args.k)
-
-    for fn in (ours_all, ref_all):
-        fn()
     print(
         f"torch {torch.__version__}, {args.device}, threads {torch.get_num_threads()}: batch {args.batch} x "
-        f"{args.points} points -> {args.groups} groups x {args.k}"
+        f"{args.points} points -> {args.groups} groups x {args.k}; median of {args.repeats} interleaved repeats"
     )
-    t_of, t_rf = _time(ours_fps, args.repeats, args.device), _time(ref_fps, args.repeats, args.device)
-    t_ok = _time(lambda: knn_group(xyz, centers, args.k), args.repeats, args.device)
-    t_rk = _time(lambda: reference_knn(xyz, centers, args.k), args.repeats, args.device)
-    t_oa, t_ra = _time(ours_all, args.repeats, args.device), _time(ref_all, args.repeats, args.device)
-    print(f"{'stage':<16} {'reference ms':>13} {'ours ms':>9} {'speed-up':>9}")
-    for name, r, o in (("FPS", t_rf, t_of), ("kNN", t_rk, t_ok), ("FPS + kNN", t_ra, t_oa)):
-        print(f"{name:<16} {r * 1e3:>13.1f} {o * 1e3:>9.1f} {r / o:>8.2f}x")
+    print(f"{'stage':<12} {'reference ms':>13} {'ours ms':>9} {'speed-up':>9}")
+    for name in stages:
+        r, o = statistics.median(times[name, 0]), statistics.median(times[name, 1])
+        print(f"{name:<12} {r * 1e3:>13.1f} {o * 1e3:>9.1f} {r / o:>8.2f}x")
+    print(
+        "checks: FPS indices equal; kNN = brute-force top-k of the exact distances; "
+        f"{same:.2%} of groups have the reference's index set"
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tokenizers_mm import create_tokenizer
-from tokenizers_mm.points import PointGroups, farthest_point_sample, group_points, knn_group
+from tokenizers_mm.points import PointGroups, _knn_dense, farthest_point_sample, group_points, knn_group
 
 
 def numpy_fps(xyz: np.ndarray, n: int, start: int) -> np.ndarray:
@@ -54,6 +54,88 @@ def test_knn_equals_brute_force():
         d = ((centers[b, :, None].double() - xyz[b, None].double()) ** 2).sum(-1).numpy()
         ref = np.argsort(d, axis=1, kind="stable")[:, :16]
         np.testing.assert_array_equal(idx[b].numpy(), ref)
+
+
+def _sq_dist(xyz, centers):
+    """Brute force [B, n, P] in the expression knn_group ranks by: ((x-cx)^2 + (y-cy)^2) + (z-cz)^2."""
+    d = (xyz[:, None, :, 0] - centers[:, :, None, 0]).square()
+    d = d + (xyz[:, None, :, 1] - centers[:, :, None, 1]).square()
+    return d + (xyz[:, None, :, 2] - centers[:, :, None, 2]).square()
+
+
+def _assert_exact_knn(xyz, centers, k, mask=None, knn=knn_group):
+    """The oracle: the chosen points' distances are the k smallest (ties at the k-th may pick either point), nearest
+    first, each point once, never a padded one."""
+    idx = knn(xyz, centers, k, mask=mask)
+    assert idx.shape == (*centers.shape[:2], k) and idx.dtype == torch.long
+    d = _sq_dist(xyz, centers)
+    if mask is not None:
+        d = d.masked_fill(~mask[:, None], float("inf"))
+        assert mask.gather(1, idx.flatten(1)).all()
+    torch.testing.assert_close(d.gather(-1, idx), d.topk(k, dim=-1, largest=False).values, rtol=0, atol=0)
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all()
+    return idx
+
+
+def _shaped_clouds(kind, b, p, gen):
+    if kind == "clusters":  # dense blobs far apart
+        centres = torch.randn(b, 4, 3, generator=gen) * 10
+        return centres[:, torch.randint(0, 4, (p,), generator=gen)] + torch.randn(b, p, 3, generator=gen) * 0.01
+    if kind == "sphere":  # a surface, far from the origin
+        x = torch.randn(b, p, 3, generator=gen)
+        return x / x.norm(dim=-1, keepdim=True) + 1000.0
+    if kind == "grid":  # many exact ties
+        return torch.randint(0, 5, (b, p, 3), generator=gen).float() * 0.25
+    if kind == "duplicates":
+        return torch.rand(b, 6, 3, generator=gen)[:, torch.randint(0, 6, (p,), generator=gen)]
+    if kind == "flat":
+        return torch.rand(b, p, 3, generator=gen) * torch.tensor([1.0, 1.0, 0.0])
+    return torch.rand(b, p, 3, generator=gen)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "clusters", "sphere", "grid", "duplicates", "flat"])
+@pytest.mark.parametrize(("p", "n", "k"), [(1000, 40, 32), (333, 50, 7), (70, 5, 70), (2500, 30, 1)])
+@pytest.mark.parametrize("dense", [None, 1.0])  # None: as shipped; 1.0: never falls back to brute force
+def test_knn_is_exact_on_awkward_clouds(monkeypatch, kind, p, n, k, dense):
+    from tokenizers_mm import points
+
+    if dense is not None:
+        monkeypatch.setattr(points, "_DENSE", dense)
+    gen = torch.Generator().manual_seed(p + k)
+    xyz = _shaped_clouds(kind, 2, p, gen)
+    centers = xyz[:, torch.randperm(p, generator=gen)[:n]]
+    _assert_exact_knn(xyz, centers, k)
+    _assert_exact_knn(xyz.double(), centers.double(), k)
+    off = centers + torch.randn(centers.shape, generator=gen)  # centres that are not points of the cloud
+    _assert_exact_knn(xyz, off, k)
+    _assert_exact_knn(xyz, off, k, knn=lambda *a, mask: _knn_dense(*a, mask))  # the path other devices take
+
+
+@pytest.mark.parametrize("dense", [None, 0.0, 1.0])  # as shipped, always / never brute force
+def test_knn_with_padding_is_exact_and_ignores_padded_values(monkeypatch, dense):
+    from tokenizers_mm import points
+
+    if dense is not None:
+        monkeypatch.setattr(points, "_DENSE", dense)
+    gen = torch.Generator().manual_seed(3)
+    xyz = torch.rand(3, 700, 3, generator=gen)
+    mask = torch.rand(3, 700, generator=gen) < 0.6  # padding anywhere, not only at the end
+    mask[2, 40:] = False  # one small cloud
+    centers = torch.rand(3, 25, 3, generator=gen)
+    idx = _assert_exact_knn(xyz, centers, 16, mask)
+    _assert_exact_knn(xyz, centers, 16, mask, knn=lambda *a, mask: _knn_dense(*a, mask))
+    garbage = xyz.masked_fill(~mask[..., None], float("nan"))  # what padding holds must not matter
+    torch.testing.assert_close(knn_group(garbage, centers, 16, mask=mask), idx, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fewer than group_size"):
+        knn_group(xyz, centers, 41, mask=mask)
+
+
+def test_fps_ties_take_the_first_point_like_numpy():
+    gen = torch.Generator().manual_seed(5)
+    xyz = torch.randint(0, 4, (2, 131, 3), generator=gen).float()  # 64 distinct points, many equal distances
+    ours = farthest_point_sample(xyz, 100, start=torch.tensor([0, 77]))
+    for i, s in enumerate([0, 77]):
+        np.testing.assert_array_equal(ours[i].numpy(), numpy_fps(xyz[i].double().numpy(), 100, s))
 
 
 def test_local_coordinates_are_centred_and_features_kept():
@@ -147,3 +229,13 @@ def test_point_encoder_with_frozen_llm_block_trains_the_rest(tiny_checkpoint):
     assert all(p.grad is None for p in enc.llm_stage.blocks.parameters())
     assert enc.backbone.pos_mlp[0].weight.grad.abs().sum() > 0
     assert enc.tokenizer.encoder.first[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_knn_in_steps_of_any_size(monkeypatch, rows):
+    from tokenizers_mm import points
+
+    monkeypatch.setattr(points, "_CHUNK_ROWS", rows)  # steps of part of a cloud, of one, of several
+    gen = torch.Generator().manual_seed(rows)
+    xyz = torch.rand(3, 600, 3, generator=gen)
+    _assert_exact_knn(xyz, xyz[:, torch.randperm(600, generator=gen)[:20]], 12)
