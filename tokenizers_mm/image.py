@@ -17,6 +17,19 @@ __all__ = ["ImagePatches"]
 POS_EMBED_KINDS = ("learned", "sincos", "none")
 
 
+def check_images(images: torch.Tensor, in_chans: int, patch_size: tuple[int, int], name: str) -> None:
+    """Clear errors for input a patch tokenizer cannot take: not ``[B, C, H, W]``, wrong channels, a size that is not
+    a multiple of the patch."""
+    if images.dim() != 4:
+        raise ValueError(f"{name} expects images [B, C, H, W], got shape {tuple(images.shape)}")
+    if images.shape[1] != in_chans:
+        raise ValueError(f"{name} expects {in_chans} channels, got {images.shape[1]}")
+    if images.shape[2] % patch_size[0] or images.shape[3] % patch_size[1]:
+        raise ValueError(
+            f"image size {tuple(images.shape[2:])} is not a multiple of the patch size {tuple(patch_size)}"
+        )
+
+
 @register_tokenizer("image_patches")
 class ImagePatches(nn.Module):
     """Conv patch embedding (timm's `PatchEmbed`) + cls / register tokens + absolute positions.
@@ -142,13 +155,7 @@ class ImagePatches(nn.Module):
 
     def forward(self, images: torch.Tensor) -> Tokens:
         """``images [B, C, H, W]`` -> `Tokens` ``[B, P + h*w, D]`` (H, W multiples of the patch size)."""
-        if images.dim() != 4:
-            raise ValueError(f"image_patches expects images [B, C, H, W], got shape {tuple(images.shape)}")
-        if images.shape[1] != self.in_chans:
-            raise ValueError(f"image_patches expects {self.in_chans} channels, got {images.shape[1]}")
-        p = self.patch_embed.patch_size
-        if images.shape[2] % p[0] or images.shape[3] % p[1]:
-            raise ValueError(f"image size {tuple(images.shape[2:])} is not a multiple of the patch size {tuple(p)}")
+        check_images(images, self.in_chans, self.patch_embed.patch_size, "image_patches")
         x = self.patch_embed(images)  # [B, h, w, D]
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)

@@ -36,6 +36,7 @@ from timm.layers import DropPath, RmsNorm, SwiGLU, trunc_normal_
 from torch import nn
 
 from tokenizers_mm import ImagePatches, Tokens, register_tokenizer
+from tokenizers_mm.image import check_images
 
 from ..llm.attention import ATTENTION_MODES, CAUSAL_IMPLS, masked_attention
 from .backbones import padding_bias
@@ -119,13 +120,7 @@ class ImagePatchesClsLast(ImagePatches):
 
     def forward(self, images: torch.Tensor) -> Tokens:
         """``images [B, C, H, W]`` -> `Tokens` ``[B, h*w + 1, D]``, cls last."""
-        if images.dim() != 4:
-            raise ValueError(f"image_patches_cls_last expects images [B, C, H, W], got shape {tuple(images.shape)}")
-        if images.shape[1] != self.in_chans:
-            raise ValueError(f"image_patches_cls_last expects {self.in_chans} channels, got {images.shape[1]}")
-        p = self.patch_embed.patch_size
-        if images.shape[2] % p[0] or images.shape[3] % p[1]:
-            raise ValueError(f"image size {tuple(images.shape[2:])} is not a multiple of the patch size {tuple(p)}")
+        check_images(images, self.in_chans, self.patch_embed.patch_size, "image_patches_cls_last")
         x = self.patch_embed(images)  # [B, h, w, D]
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..builders import build_encoder
 from ..config import dump_config, load_config
-from ..models.soft_mask import advance_soft_masks
+from ..models.soft_mask import advance_soft_masks, soft_mask_modules
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_reduce_min, all_reduce_sum, barrier, init_distributed
 from .logging import MetricsLogger, StepTimer
@@ -103,6 +103,7 @@ class Trainer:
         if self.cfg["model"]["llm"]["seed"] is None:  # random-init controls must rebuild identically on resume
             self.cfg["model"]["llm"]["seed"] = t["seed"]
         self.model = build_encoder(self.cfg, verbose=self.dist.is_main).to(self.device)
+        self.has_soft_masks = bool(soft_mask_modules(self.model))
         if self.model.head is None:
             raise ValueError("cannot train without a head: set model.num_classes or write shards with class names")
         if t["grad_checkpointing"]:
@@ -340,7 +341,11 @@ class Trainer:
                     break
                 timer.data_done()
                 # soft attention masks (iLLaMA): the mix ratio is a function of the step, set before the forward
-                soft = advance_soft_masks(self.model, self.step, epoch=self.epoch, steps_per_epoch=self.steps_per_epoch)
+                soft = {}
+                if self.has_soft_masks:  # found once: no walk over every module on every step
+                    soft = advance_soft_masks(
+                        self.model, self.step, epoch=self.epoch, steps_per_epoch=self.steps_per_epoch
+                    )
                 samples = 0
                 for i, batch in enumerate(micro):
                     batch = batch.to(self.device, non_blocking=True)
