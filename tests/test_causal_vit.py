@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmblocks.heads import ClassifierHead
-from mmblocks.llm.attention import masked_attention, soft_mask_weights
+from mmblocks.layers import masked_attention, soft_mask_weights
 from mmblocks.models import CausalViT, MMEncoder, SoftMaskSchedule, advance_soft_masks, causal_vit
 from mmblocks.models.causal_vit import ImagePatchesClsLast, swiglu_hidden_dim
 from tokenizers_mm import Tokens, create_tokenizer

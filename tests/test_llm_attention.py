@@ -210,7 +210,7 @@ def test_post_softmax_mult_llama_layer_oracle(tiny_checkpoint):
 
 
 def test_backends_that_cannot_run_a_mode_raise_clearly(tiny_checkpoint):
-    from mmblocks.llm.attention import backend_supports, check_backend
+    from mmblocks.layers.masks import backend_supports, check_backend
 
     with pytest.raises(ValueError, match="only eager attention materialises"):
         load_blocks(
@@ -269,7 +269,7 @@ def test_soft_without_a_schedule_warns_once(tiny_checkpoint):
 
 # ------------------------------------------------------------------------------------------------ axial rope
 def _grid_tokens(batch: int = 2, h: int = 3, w: int = 4, shift=(0.0, 0.0), seed: int = 0, cls: int = 1) -> Tokens:
-    from mmblocks.models.rope import grid_positions
+    from mmblocks.layers.rope import grid_positions
 
     pos = grid_positions((h, w), num_prefix=cls).expand(batch, -1, -1).clone()
     pos[:, cls:] += torch.tensor(shift)
@@ -295,7 +295,7 @@ def test_rope_2d_depends_only_on_relative_positions(family, tiny_checkpoint):
 
 
 def test_rope_2d_is_the_hf_layer_called_with_axial_cos_sin(tiny_checkpoint):
-    from mmblocks.models.rope import axial_rope
+    from mmblocks.layers.rope import axial_rope
 
     blocks = load_blocks(tiny_checkpoint("llama"), [0], rope="2d", final_norm="none", attn_implementation="eager")
     tokens = _grid_tokens()
@@ -310,7 +310,7 @@ def test_rope_2d_is_the_hf_layer_called_with_axial_cos_sin(tiny_checkpoint):
 
 
 def test_rope_2d_auto_scale_and_3d(tiny_checkpoint):
-    from mmblocks.models.rope import grid_positions
+    from mmblocks.layers.rope import grid_positions
 
     scaled = load_blocks(tiny_checkpoint("llama"), [0], rope="2d")
     scaled.rope_train_grid = (3, 4)  # load_blocks does not take it yet

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmblocks.layers.norms import is_norm_module
 from mmblocks.llm import FAMILIES, list_families, load_blocks, lora_target_modules
-from mmblocks.llm.norms import is_norm_module
 
 FAMILY_NAMES = list_families()
 

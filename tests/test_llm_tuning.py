@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from mmblocks.layers.norms import is_norm_module
 from mmblocks.llm import load_blocks
-from mmblocks.llm.norms import is_norm_module
 
 FAMILIES = ["llama", "gemma3_text", "phi3", "gpt2", "opt", "gpt_neox", "bert"]
 

@@ -1,10 +1,10 @@
 """LLM blocks: transformer layers of pretrained language models as reusable encoder layers."""
 
-from .attention import ATTENTION_MODES
+from ..layers.masks import ATTENTION_MODES
+from ..layers.norms import UnitRMSNorm
 from .blocks import FINAL_NORMS, ROPE_MODES, LLMBlocks
 from .families import FAMILIES, FamilySpec, UnknownFamilyError, get_family, list_families
 from .load import load_blocks, resolve_layers
-from .norms import UnitRMSNorm
 from .sources import (
     MissingDependencyError,
     SourceError,

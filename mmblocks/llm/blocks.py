@@ -13,16 +13,17 @@ from torch.utils.checkpoint import checkpoint
 
 from tokenizers_mm import Tokens
 
-from ..params import parameter_table
-from .attention import (
+from ..layers.masks import (
     ATTENTION_MODES,
     CAUSAL_IMPLS,
-    POST_SOFTMAX_MULT_IMPL,
     check_backend,
     layer_attention_kwargs,
-    set_causal_flags,
     uses_post_softmax_mult,
 )
+from ..layers.rope import axial_rope
+from ..layers.soft_mask import SoftMaskSchedule
+from ..params import parameter_table
+from .attention import POST_SOFTMAX_MULT_IMPL, set_causal_flags
 from .families import FamilySpec
 
 __all__ = ["LLMBlocks", "ROPE_MODES", "AXIAL_ROPES", "FINAL_NORMS", "call_layer"]
@@ -47,14 +48,14 @@ class LLMBlocks(nn.Module):
     Input / output: `Tokens` (``x`` ``[B, N, D]``, ``mask`` honoured as a padding mask; returned with the
     same metadata) or a ``[B, N, D]`` tensor (returns a tensor). ``D`` must equal `hidden_size`.
 
-    Attention (`mmblocks.llm.attention`): ``bidirectional``, ``causal`` or ``soft`` (iLLaMA's mix
+    Attention (`mmblocks.layers.masks`): ``bidirectional``, ``causal`` or ``soft`` (iLLaMA's mix
     ``r * ones + (1 - r) * tril``; ``r`` comes from the `soft_mask` schedule through `set_soft_mask_ratio`, called
-    by `mmblocks.models.soft_mask.advance_soft_masks`, and is kept in the persistent buffer ``soft_mask_ratio``).
+    by `mmblocks.layers.soft_mask.advance_soft_masks`, and is kept in the persistent buffer ``soft_mask_ratio``).
     ``causal_impl`` picks ``pre_softmax`` (additive mask; every backend for causal, eager / SDPA / flex for soft)
     or ``post_softmax_mult`` (iLLaMA's multiplicative mask after the softmax; eager only).
 
     Rotary (`rope`): ``none`` (identity), ``native`` (the model's rotary over token order), ``2d`` / ``3d``
-    (VisionLLaMA's axial rotary over `Tokens.pos` ``[B, N, 2 | 3]``, `mmblocks.models.rope.axial_rope`, with base
+    (VisionLLaMA's axial rotary over `Tokens.pos` ``[B, N, 2 | 3]``, `mmblocks.layers.rope.axial_rope`, with base
     `rope_theta`, identity for special tokens and AS2DRoPE auto-scaling to `rope_train_grid` when set). Axial
     rotary needs a rotary family and `Tokens` input with positions of that width.
 
@@ -251,8 +252,6 @@ class LLMBlocks(nn.Module):
         self, tokens: Tokens | None, n: int, device: torch.device, dtype: torch.dtype, layer_type: str
     ):
         """``(cos, sin) [B, N, rotary_dim]`` of the axial rotary over `Tokens.pos` (``rope="2d" | "3d"``)."""
-        from ..models.rope import axial_rope  # mmblocks.models imports mmblocks.llm: import late
-
         width = AXIAL_ROPES[self.rope]
         pos = tokens.pos if tokens is not None else None
         if pos is None or pos.shape[-1] != width:
@@ -412,8 +411,6 @@ def _schedule(spec: Any) -> Any:
     """A `SoftMaskSchedule` from a schedule, a mapping or a number (None stays None)."""
     if spec is None:
         return None
-    from ..models.soft_mask import SoftMaskSchedule  # mmblocks.models imports mmblocks.llm: import late
-
     if isinstance(spec, (SoftMaskSchedule, Mapping, int, float)):
         return SoftMaskSchedule.create(spec)
     if hasattr(spec, "value"):

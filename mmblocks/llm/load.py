@@ -12,10 +12,10 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModel, PretrainedConfig
 
-from .attention import ATTENTION_MODES
+from ..layers.masks import ATTENTION_MODES
+from ..layers.norms import UnitRMSNorm, is_norm_module
 from .blocks import FINAL_NORMS, ROPE_MODES, LLMBlocks
 from .families import FamilySpec, get_family
-from .norms import UnitRMSNorm, is_norm_module
 from .sources import ResolvedSource, TensorReader, resolve_source
 from .tuning import TUNE_MODES, apply_tuning
 
@@ -146,7 +146,7 @@ def load_blocks(
             ``r * bidirectional + (1 - r) * causal``, r from `soft_mask`, advanced by the trainer).
         rope: ``none`` (identity rotation, the center paper), ``native`` (the model's rotary over token
             order 0..N-1; families with absolute positions outside the layers (OPT, GPT-2, BERT) ignore it), or
-            ``2d`` / ``3d`` (VisionLLaMA's axial rotary over ``Tokens.pos``, `mmblocks.models.rope`).
+            ``2d`` / ``3d`` (VisionLLaMA's axial rotary over ``Tokens.pos``, `mmblocks.layers.rope`).
         final_norm: ``none``, ``rms_unit`` (parameter-free RMS norm, the center paper) or ``llm``.
         tune: ``frozen``, ``norm``, ``lora``, ``full``, ``random``, ``gated``, ``expand`` or ``interpolate``;
             options in ``tune_kwargs`` (see `mmblocks.llm.tuning.TUNE_KWARGS`).

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.norms import is_norm_module
 from .blocks import LLMBlocks, call_layer
-from .norms import is_norm_module
 
 __all__ = [
     "TUNE_MODES",

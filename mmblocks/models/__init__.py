@@ -6,10 +6,10 @@ from .point_transformer import PointTransformer
 
 __all__ = ["LLMStage", "MMEncoder", "PointTransformer", "TimmViT", "create_timm_vit"]
 
+from ..layers.rope import AxialRoPE, apply_rotary, axial_rope, sequence_rope
+from ..layers.soft_mask import SoftMaskSchedule, advance_soft_masks
 from .ast import AST_PRESETS, ast_backbone, ast_from_hf, timm_vit_blocks
 from .causal_vit import CAUSAL_VIT_PRESETS, CausalViT, ImagePatchesClsLast, causal_vit
-from .rope import AxialRoPE, apply_rotary, axial_rope, sequence_rope
-from .soft_mask import SoftMaskSchedule, advance_soft_masks
 from .videomae import VIDEOMAE_PRESETS, videomae_backbone, videomae_from_hf
 
 __all__ += [

@@ -6,24 +6,13 @@ import os
 from typing import Any
 
 import timm
-import torch
 from torch import nn
 
 from tokenizers_mm import ImagePatches, Tokens
 
-__all__ = ["TimmViT", "create_timm_vit", "padding_bias"]
+from ..layers.masks import padding_bias
 
-
-def padding_bias(tokens: Tokens) -> torch.Tensor | None:
-    """The additive attention mask ``[B, 1, 1, N]`` (-inf at padded keys) that timm blocks take for ``tokens.mask``;
-    None when nothing is padded (an all-real mask costs one host sync and keeps SDPA's fused kernels usable on GPU).
-
-    Padded queries still attend to the real keys, so no row is empty and nothing turns NaN; their outputs are ignored
-    by masked pooling and by the LLM blocks' own mask."""
-    if tokens.mask is None or bool(tokens.mask.all()):
-        return None
-    bias = torch.zeros(tokens.mask.shape, dtype=tokens.x.dtype, device=tokens.x.device)
-    return bias.masked_fill(~tokens.mask, float("-inf"))[:, None, None, :]
+__all__ = ["TimmViT", "create_timm_vit"]
 
 
 def create_timm_vit(

@@ -38,10 +38,10 @@ from torch import nn
 from tokenizers_mm import ImagePatches, Tokens, register_tokenizer
 from tokenizers_mm.image import check_images
 
-from ..llm.attention import ATTENTION_MODES, CAUSAL_IMPLS, masked_attention
-from .backbones import padding_bias
-from .rope import apply_rotary, axial_rope, grid_positions, sequence_rope
-from .soft_mask import SoftMaskSchedule
+from ..layers.attention import masked_attention
+from ..layers.masks import ATTENTION_MODES, CAUSAL_IMPLS, padding_bias
+from ..layers.rope import apply_rotary, axial_rope, grid_positions, sequence_rope
+from ..layers.soft_mask import SoftMaskSchedule
 
 __all__ = [
     "CAUSAL_VIT_PRESETS",

@@ -10,9 +10,9 @@ from torch.utils.checkpoint import checkpoint
 
 from tokenizers_mm import Tokens
 
+from ..layers.masks import padding_bias
 from ..llm import LLMBlocks
 from ..params import parameter_table
-from .backbones import padding_bias
 
 __all__ = ["LLMStage", "MMEncoder"]
 

@@ -25,7 +25,9 @@ from typing import Any
 
 from tokenizers_mm import VideoTubelets
 
-from .ast import (
+from .ast import timm_vit_blocks
+from .backbones import TimmViT
+from .hf_vit import (
     hf_activation,
     hf_tensor,
     hf_vit_layers,
@@ -33,9 +35,7 @@ from .ast import (
     load_hf_vit_layers,
     model_and_config,
     strip_prefix,
-    timm_vit_blocks,
 )
-from .backbones import TimmViT
 
 __all__ = ["VIDEOMAE_PRESETS", "videomae_backbone", "videomae_from_hf"]
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..builders import build_encoder
 from ..config import dump_config, load_config
-from ..models.soft_mask import advance_soft_masks, soft_mask_modules
+from ..layers.soft_mask import advance_soft_masks, soft_mask_modules
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_reduce_min, all_reduce_sum, barrier, init_distributed
 from .logging import MetricsLogger, StepTimer

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from mmblocks.models.rope import (
+from mmblocks.layers.rope import (
     AxialRoPE,
     apply_rotary,
     auto_scale_positions,

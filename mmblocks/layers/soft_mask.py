@@ -1,7 +1,7 @@
 """iLLaMA's soft mask: a schedule for the attention mix ratio ``r`` and the hook that applies it every step.
 
 Attention under a soft mask mixes bidirectional and causal attention with a ratio ``r``: ``r = 1`` is
-bidirectional, ``r = 0`` is causal (see `mmblocks.llm.attention.soft_mask_weights`). iLLaMA
+bidirectional, ``r = 0`` is causal (see `mmblocks.layers.masks.soft_mask_weights`). iLLaMA
 (`techmonsterwang/iLLaMA`, `mask_scheduler.py`) starts training at ``r = r_start`` (1.0 by default) and phases
 the causal mask in over the first ``cutoff`` epochs:
 
