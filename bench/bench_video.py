@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmblocks.data.video_io import decode_video, encode_video
 from tokenizers_mm.motion import MotionTokens, block_matching, block_matching_reference, luminance
 from tokenizers_mm.video import VideoTubelets, normalize_frames
-from tokenizers_mm.video_io import decode_video, encode_video
 
 
 def _smooth(rng: np.random.Generator, h: int, w: int, cell: int = 8) -> np.ndarray:

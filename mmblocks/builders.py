@@ -60,7 +60,7 @@ def build_tokenizer_and_backbone(model_cfg: Mapping[str, Any], data_cfg: Mapping
     bb, tok = model_cfg["backbone"], model_cfg["tokenizer"]
     name, tok_kwargs = tok["name"], dict(tok["kwargs"])
     if bb["type"] == "causal_vit":
-        if name not in (None, "image_patches_cls_last") or tok_kwargs:
+        if name not in (None, "image_patches") or tok_kwargs:
             raise ConfigError("model.tokenizer: causal_vit uses its own patch embedding (set sizes in model.backbone)")
         backbone = CausalViT(
             bb["size"],

@@ -10,8 +10,8 @@ import torch
 from mmblocks.heads import ClassifierHead
 from mmblocks.layers import masked_attention, soft_mask_weights
 from mmblocks.models import CausalViT, MMEncoder, SoftMaskSchedule, advance_soft_masks, causal_vit
-from mmblocks.models.causal_vit import ImagePatchesClsLast, swiglu_hidden_dim
-from tokenizers_mm import Tokens, create_tokenizer
+from mmblocks.models.causal_vit import swiglu_hidden_dim
+from tokenizers_mm import ImagePatches, Tokens, create_tokenizer
 
 IMG = 32  # 2x2 patches of 16
 
@@ -140,8 +140,8 @@ def test_advance_soft_masks_sets_every_block_and_checkpoints_keep_r():
 
 # ------------------------------------------------------------------------------------------------ the model
 def test_tokenizer_puts_cls_last():
-    tok = create_tokenizer("image_patches_cls_last", img_size=IMG, patch_size=16, embed_dim=24)
-    assert isinstance(tok, ImagePatchesClsLast)
+    tok = create_tokenizer("image_patches", img_size=IMG, patch_size=16, embed_dim=24, cls_position="last")
+    assert isinstance(tok, ImagePatches) and tok.cls_position == "last"
     images = torch.randn(2, 3, IMG, 48)
     tokens = tok(images)
     assert tokens.x.shape == (2, 7, 24) and tokens.grid == (2, 3)
@@ -153,16 +153,26 @@ def test_tokenizer_puts_cls_last():
     torch.testing.assert_close(tokens.grid_tokens(), patches + pos_embed[:, 1:])
 
 
-def test_tokenizer_loads_a_timm_vit_with_the_cls_moved_last():
+@pytest.mark.parametrize("no_embed_class", [False, True])
+def test_tokenizer_loads_a_timm_vit_with_the_cls_moved_last(no_embed_class):
     from mmblocks.models import create_timm_vit
 
-    vit = create_timm_vit("vit_tiny_patch16_224", img_size=IMG).eval()
-    tok = ImagePatchesClsLast.from_timm(vit)
+    vit = create_timm_vit("vit_tiny_patch16_224", img_size=IMG, no_embed_class=no_embed_class).eval()
+    tok = ImagePatches.from_timm(vit, cls_position="last")
     images = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
         ours = tok(images)
         ref = vit._pos_embed(vit.patch_embed(images))  # timm: [cls, patches] with positions added
     torch.testing.assert_close(ours.x, torch.cat([ref[:, 1:], ref[:, :1]], dim=1))
+
+
+def test_cls_last_needs_one_class_token_and_no_registers():
+    with pytest.raises(ValueError, match="class_token=True and no registers"):
+        ImagePatches(img_size=IMG, embed_dim=24, num_registers=2, cls_position="last")
+    with pytest.raises(ValueError, match="class_token=True"):
+        ImagePatches(img_size=IMG, embed_dim=24, class_token=False, cls_position="last")
+    with pytest.raises(ValueError, match="cls_position must be one of"):
+        ImagePatches(img_size=IMG, embed_dim=24, cls_position="middle")
 
 
 def test_presets_and_illama_sizes():

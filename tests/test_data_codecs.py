@@ -12,9 +12,9 @@ import torchaudio.functional as AF
 
 from mmblocks.data import build_loader, write_shards
 from mmblocks.data.codecs import AudioCodec, PointsCodec, pad_stack
+from mmblocks.data.video_io import encode_video
 from mmblocks.models import MMEncoder, TimmViT
 from tokenizers_mm import create_tokenizer
-from tokenizers_mm.video_io import encode_video
 
 
 def _flac(wave: np.ndarray, rate: int) -> bytes:

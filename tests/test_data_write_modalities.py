@@ -21,7 +21,7 @@ from mmblocks.data import (
     write_from_manifest,
     write_shards,
 )
-from tokenizers_mm.video_io import encode_video
+from mmblocks.data.video_io import encode_video
 
 
 def _samples(out: Path, split: str = "train") -> dict[str, dict]:

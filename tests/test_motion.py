@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmblocks.data.video_io import collate_clips, decode_video, encode_video
 from tokenizers_mm import Tokens, create_tokenizer
 from tokenizers_mm.image import ImagePatches
 from tokenizers_mm.motion import (
@@ -19,7 +20,6 @@ from tokenizers_mm.motion import (
     luminance,
 )
 from tokenizers_mm.video import VideoTubelets, normalize_frames
-from tokenizers_mm.video_io import collate_clips, decode_video, encode_video
 
 SIZE, SQUARE, BLOCK = 96, 48, 16
 

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokenizers_mm import Tokens, create_tokenizer, list_tokenizers
-from tokenizers_mm.video import VideoTubelets, normalize_frames, sinusoid_table
-from tokenizers_mm.video_io import (
+from mmblocks.data.video_io import (
     VideoClip,
     VideoDecodeError,
     collate_clips,
@@ -20,6 +18,8 @@ from tokenizers_mm.video_io import (
     encode_video,
     sample_indices,
 )
+from tokenizers_mm import Tokens, create_tokenizer, list_tokenizers
+from tokenizers_mm.video import VideoTubelets, normalize_frames, sinusoid_table
 
 
 def textured_clip(t: int = 8, h: int = 64, w: int = 64, seed: int = 0) -> np.ndarray:
@@ -105,7 +105,7 @@ def _remux(data: bytes, fmt: str) -> bytes:
 
 
 def test_container_without_frame_count_is_counted(mp4_8, monkeypatch):
-    import tokenizers_mm.video_io as vio
+    import mmblocks.data.video_io as vio
 
     mkv = _remux(mp4_8, "matroska")
     with av.open(io.BytesIO(mkv)) as c:

@@ -10,7 +10,6 @@ from .points import PointGroups, farthest_point_sample, knn_group
 from .registry import create_tokenizer, list_tokenizers, register_tokenizer
 from .tokens import Tokens
 from .video import VideoTubelets, normalize_frames
-from .video_io import VideoClip, VideoDecodeError, collate_clips, decode_video, encode_video
 
 __all__ = [
     "AudioFrames",
@@ -27,12 +26,7 @@ __all__ = [
     "register_tokenizer",
     "KeyframeMotion",
     "MotionTokens",
-    "VideoClip",
-    "VideoDecodeError",
     "VideoTubelets",
     "block_matching",
-    "collate_clips",
-    "decode_video",
-    "encode_video",
     "normalize_frames",
 ]

@@ -12,9 +12,10 @@ from torch import nn
 from .registry import register_tokenizer
 from .tokens import Tokens
 
-__all__ = ["ImagePatches"]
+__all__ = ["CLS_POSITIONS", "ImagePatches", "POS_EMBED_KINDS", "check_images"]
 
 POS_EMBED_KINDS = ("learned", "sincos", "none")
+CLS_POSITIONS = ("first", "last")
 
 
 def check_images(images: torch.Tensor, in_chans: int, patch_size: tuple[int, int], name: str) -> None:
@@ -39,6 +40,11 @@ class ImagePatches(nn.Module):
     ``no_embed_class``, to the prefix tokens as well). Other image sizes interpolate the position table
     (bicubic, as timm's ``dynamic_img_size``).
 
+    ``cls_position="last"`` puts the class token *after* the patches (iLLaMA's post-sequence cls for causal
+    attention): ``[patch_1..patch_HW, cls]``, ``num_prefix=0``, ``num_suffix=1``. The position table keeps timm's
+    layout (cls entry first), so `from_timm` and resizing work unchanged; its cls entry is added to the cls token
+    wherever that sits.
+
     Args:
         img_size: training image size (sets the position table's grid).
         patch_size: patch side in pixels.
@@ -50,9 +56,11 @@ class ImagePatches(nn.Module):
         pos_embed: ``learned`` (trunc-normal 0.02), ``sincos`` (fixed 2D sin-cos) or ``none``.
         no_embed_class: positions only for patch tokens (DeiT-3 style) instead of the prefix too.
         bias: conv bias.
+        cls_position: ``first`` (timm, ViT) or ``last`` (iLLaMA; one class token, no registers).
 
-    Input ``[B, C, H, W]`` -> `Tokens` with ``x [B, P + h*w, D]``, ``grid (h, w)``, ``num_prefix P``,
-    ``pos [B, N, 2]`` = (row, col) patch centres in patch units; prefix tokens sit at (-1, -1).
+    Input ``[B, C, H, W]`` -> `Tokens` with ``x [B, P + h*w, D]``, ``grid (h, w)``, ``num_prefix P`` (or
+    ``num_suffix 1`` with the cls last), ``pos [B, N, 2]`` = (row, col) patch centres in patch units; special tokens
+    sit at (-1, -1).
     """
 
     def __init__(
@@ -66,12 +74,21 @@ class ImagePatches(nn.Module):
         pos_embed: str = "learned",
         no_embed_class: bool = False,
         bias: bool = True,
+        cls_position: str = "first",
     ):
         super().__init__()
         if pos_embed not in POS_EMBED_KINDS:
             raise ValueError(f"pos_embed must be one of {POS_EMBED_KINDS}, got {pos_embed!r}")
         if num_registers < 0:
             raise ValueError(f"num_registers must be >= 0, got {num_registers}")
+        if cls_position not in CLS_POSITIONS:
+            raise ValueError(f"cls_position must be one of {CLS_POSITIONS}, got {cls_position!r}")
+        if cls_position == "last" and (not class_token or num_registers):
+            raise ValueError(
+                "cls_position='last' puts one class token after the patches: it needs class_token=True "
+                f"and no registers, got class_token={class_token}, num_registers={num_registers}"
+            )
+        self.cls_position = cls_position
         self.patch_embed = PatchEmbed(
             img_size=img_size,
             patch_size=patch_size,
@@ -110,8 +127,9 @@ class ImagePatches(nn.Module):
         return tuple(self.patch_embed.grid_size)
 
     @classmethod
-    def from_timm(cls, vit: nn.Module) -> ImagePatches:
-        """An `ImagePatches` holding a copy of a timm `VisionTransformer`'s patch embedding, tokens and positions."""
+    def from_timm(cls, vit: nn.Module, cls_position: str = "first") -> ImagePatches:
+        """An `ImagePatches` holding a copy of a timm `VisionTransformer`'s patch embedding, tokens and positions
+        (``cls_position="last"``: the same weights with the class token moved after the patches)."""
         pe = vit.patch_embed
         pos = getattr(vit, "pos_embed", None)
         tok = cls(
@@ -124,6 +142,7 @@ class ImagePatches(nn.Module):
             pos_embed="learned" if pos is not None else "none",
             no_embed_class=getattr(vit, "no_embed_class", False),
             bias=pe.proj.bias is not None,
+            cls_position=cls_position,
         )
         tok.load_timm_state(vit)
         return tok
@@ -159,6 +178,8 @@ class ImagePatches(nn.Module):
         x = self.patch_embed(images)  # [B, h, w, D]
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)
+        if self.cls_position == "last":
+            return self._cls_last(x, h, w)
         prefix = []
         if self.cls_token is not None:
             prefix.append(self.cls_token.expand(b, -1, -1))
@@ -179,8 +200,24 @@ class ImagePatches(nn.Module):
             modality="image",
         )
 
+    def _cls_last(self, x: torch.Tensor, h: int, w: int) -> Tokens:
+        """Patches ``[B, h*w, D]`` -> `Tokens` ``[B, h*w + 1, D]`` with the class token after them."""
+        b = x.shape[0]
+        cls = self.cls_token.expand(b, -1, -1)
+        pos_embed = self._positions(h, w)  # cls entry first unless no_embed_class
+        if pos_embed is not None:
+            if self.no_embed_class:
+                x = x + pos_embed
+            else:
+                x = x + pos_embed[:, 1:]
+                cls = cls + pos_embed[:, :1]
+        x = torch.cat([x, cls], dim=1)
+        return Tokens(
+            x=x, pos=self.token_positions(b, h, w, x.device), grid=(h, w), num_prefix=0, num_suffix=1, modality="image"
+        )
+
     def token_positions(self, batch: int, h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
-        """``[B, P + h*w, 2]`` (row, col) of each token; prefix tokens at (-1, -1)."""
+        """``[B, N, 2]`` (row, col) of each token; special tokens (cls, registers) at (-1, -1)."""
         rows, cols = torch.meshgrid(
             torch.arange(h, device=device, dtype=torch.float32),
             torch.arange(w, device=device, dtype=torch.float32),
@@ -188,7 +225,8 @@ class ImagePatches(nn.Module):
         )
         grid = torch.stack([rows.flatten(), cols.flatten()], dim=-1)
         special = torch.full((self.num_prefix_tokens, 2), -1.0, device=device)
-        return torch.cat([special, grid], dim=0).unsqueeze(0).expand(batch, -1, -1)
+        parts = [grid, special] if self.cls_position == "last" else [special, grid]
+        return torch.cat(parts, dim=0).unsqueeze(0).expand(batch, -1, -1)
 
     def num_tokens(self, img_size: tuple[int, int] | int) -> int:
         """Token count for an image of `img_size`."""

@@ -1,6 +1,6 @@
 """Motion: block-matching motion fields and the `motion` / `keyframe_motion` tokenizers.
 
-Sign convention (shared with `tokenizers_mm.video_io.decode_video(..., export_mvs=True)`): a motion field is
+Sign convention (shared with `mmblocks.data.video_io.decode_video(..., export_mvs=True)`): a motion field is
 ``[..., 2, h, w]`` with channel 0 = ``dx`` (pixels, + = right) and channel 1 = ``dy`` (pixels, + = down). The vector
 of block ``(r, c)`` of frame ``t+1`` is the displacement of its content from frame ``t`` to frame ``t+1``:
 ``frame[t+1](p) ~= frame[t](p - (dx, dy))`` for the pixels ``p`` of the block. A square moving right by 3 px and

@@ -5,7 +5,7 @@ Layout and weights follow `transformers.VideoMAEModel`'s embeddings exactly (``f
 ``kernel = stride = (tubelet_size, patch_size, patch_size)``, tokens flattened ``t``-major then row, col, and
 VideoMAE's 1-D sinusoid table over the flat token index added to every token.
 
-`normalize_frames` turns decoded uint8 ``[B, T, H, W, 3]`` frames (`tokenizers_mm.video_io.decode_video`) into that
+`normalize_frames` turns decoded uint8 ``[B, T, H, W, 3]`` frames (`mmblocks.data.video_io.decode_video`) into that
 input.
 """
 

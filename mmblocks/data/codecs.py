@@ -326,13 +326,13 @@ class AudioCodec(SampleCodec):
 
 
 class VideoCodec(SampleCodec):
-    """``mp4`` -> ``num_frames`` decoded frames (PyAV, `tokenizers_mm.video_io.decode_video`) as uint8
+    """``mp4`` -> ``num_frames`` decoded frames (PyAV, `mmblocks.data.video_io.decode_video`) as uint8
     ``[T, H, W, 3]``; the main process normalises the batch into float32 ``[B, T, C, H, W]``.
 
     Args:
         num_frames: frames per clip (None: all). Clips with fewer frames are padded in the batch (frame ``mask``).
         sampling: ``uniform`` (spread over the clip) or ``stride`` (every `stride`-th frame from the first);
-            `tokenizers_mm.video_io.sample_indices` says what happens to clips shorter than asked.
+            `mmblocks.data.video_io.sample_indices` says what happens to clips shorter than asked.
         image_size: resize frames to this size (int or ``(H, W)``; None keeps the stored size).
         motion_vectors: also return the codec's motion field (``extra["motion"] [B, T-1, 2, H/16, W/16]``).
         mean, std: normalisation (ImageNet by default).
@@ -368,7 +368,7 @@ class VideoCodec(SampleCodec):
         self.normalize = BatchNormalizer(self.mean, self.std)
 
     def decode(self, data: bytes, ext: str, key: str) -> tuple[np.ndarray, np.ndarray | None]:
-        from tokenizers_mm.video_io import decode_video
+        from .video_io import decode_video
 
         kwargs: dict[str, Any] = {"num_frames": self.num_frames, "sampling": self.sampling}
         if self.sampling == "stride":

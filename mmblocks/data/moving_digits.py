@@ -1,7 +1,7 @@
 """``moving-digits``: short mp4 clips of a real handwritten digit moving in one of 8 directions; class = direction.
 
 ``mmblocks shards make moving-digits --out DIR`` calls `make_moving_digits`. Built offline from scikit-learn's
-`load_digits` (1797 real 8x8 digits); encoded with `tokenizers_mm.video_io.encode_video` as MPEG-4 Part 2
+`load_digits` (1797 real 8x8 digits); encoded with `mmblocks.data.video_io.encode_video` as MPEG-4 Part 2
 (``mpeg4``, no B-frames, only frame 0 intra), so the decoder exports codec motion vectors.
 
 * Clip: `frames` frames (default 16) of `size` x `size` RGB (default 64x64, grey: R = G = B) at `fps` (default 8).
@@ -124,9 +124,8 @@ def make_moving_digits(
     """
     from sklearn.datasets import load_digits
 
-    from tokenizers_mm.video_io import encode_video
-
     from .datasets import digits_splits  # here: datasets imports this module to register the maker
+    from .video_io import encode_video
 
     if len(clips_per_class) != 3 or any(int(c) < 0 for c in clips_per_class):
         raise ValueError(f"clips_per_class must be three non-negative counts (train, val, test): {clips_per_class}")

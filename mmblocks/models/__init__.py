@@ -9,7 +9,7 @@ __all__ = ["LLMStage", "MMEncoder", "PointTransformer", "TimmViT", "create_timm_
 from ..layers.rope import AxialRoPE, apply_rotary, axial_rope, sequence_rope
 from ..layers.soft_mask import SoftMaskSchedule, advance_soft_masks
 from .ast import AST_PRESETS, ast_backbone, ast_from_hf, timm_vit_blocks
-from .causal_vit import CAUSAL_VIT_PRESETS, CausalViT, ImagePatchesClsLast, causal_vit
+from .causal_vit import CAUSAL_VIT_PRESETS, CausalViT, causal_vit
 from .videomae import VIDEOMAE_PRESETS, videomae_backbone, videomae_from_hf
 
 __all__ += [
@@ -26,7 +26,6 @@ __all__ += [
     "CAUSAL_VIT_PRESETS",
     "AxialRoPE",
     "CausalViT",
-    "ImagePatchesClsLast",
     "SoftMaskSchedule",
     "advance_soft_masks",
     "apply_rotary",

@@ -19,7 +19,7 @@ and ``rope="none"``.
 
 Sizes (`CAUSAL_VIT_PRESETS`): tiny 192/12 layers/3 heads, small 384/12/6, base 768/12/12, large 1024/24/16.
 
-`MMEncoder` runs it like `TimmViT`: ``make_tokenizer()`` (``image_patches_cls_last``), ``norm_pre`` (identity),
+`MMEncoder` runs it like `TimmViT`: ``make_tokenizer()`` (``image_patches`` with ``cls_position``), ``norm_pre`` (identity),
 ``blocks[i](x, attn_mask)`` and ``norm``. The blocks compute their rotary from the token count; for ``rope="2d"``
 the grid comes from the backbone's own tokenizer (a forward hook records it) or from `prepare(tokens)`; with
 neither, a square grid is assumed.
@@ -35,8 +35,8 @@ import torch
 from timm.layers import DropPath, RmsNorm, SwiGLU, trunc_normal_
 from torch import nn
 
-from tokenizers_mm import ImagePatches, Tokens, register_tokenizer
-from tokenizers_mm.image import check_images
+from tokenizers_mm import ImagePatches, Tokens
+from tokenizers_mm.image import CLS_POSITIONS
 
 from ..layers.attention import masked_attention
 from ..layers.masks import ATTENTION_MODES, CAUSAL_IMPLS, padding_bias
@@ -48,7 +48,6 @@ __all__ = [
     "CausalViT",
     "CausalViTAttention",
     "CausalViTBlock",
-    "ImagePatchesClsLast",
     "causal_vit",
     "swiglu_hidden_dim",
 ]
@@ -59,89 +58,12 @@ CAUSAL_VIT_PRESETS: dict[str, dict[str, int]] = {
     "base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
     "large": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
 }
-CLS_POSITIONS = ("last", "first")
 VIT_ROPES = ("1d", "2d", "none")
 
 
 def swiglu_hidden_dim(dim: int, multiple_of: int = 256) -> int:
     """iLLaMA / LLaMA SwiGLU width: ``2/3 * 4 * dim`` rounded up to a multiple of `multiple_of`."""
     return multiple_of * math.ceil(int(2 * 4 * dim / 3) / multiple_of)
-
-
-@register_tokenizer("image_patches_cls_last")
-class ImagePatchesClsLast(ImagePatches):
-    """`ImagePatches` with the class token *after* the patches (iLLaMA's post-sequence cls).
-
-    Input ``[B, C, H, W]`` -> `Tokens` ``[B, h*w + 1, D]`` with ``num_prefix=0``, ``num_suffix=1``, ``grid (h, w)``
-    and ``pos [B, N, 2]`` (row, col), the cls at (-1, -1). The learned position table keeps timm's layout
-    (cls entry first, so `from_timm` / `load_timm_state` and resizing work unchanged); its cls entry is added to
-    the cls token wherever that sits.
-    """
-
-    def __init__(
-        self,
-        img_size: int | tuple[int, int] = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        pos_embed: str = "learned",
-        bias: bool = True,
-    ):
-        super().__init__(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            class_token=True,
-            num_registers=0,
-            pos_embed=pos_embed,
-            no_embed_class=False,
-            bias=bias,
-        )
-
-    @classmethod
-    def from_timm(cls, vit: nn.Module) -> ImagePatchesClsLast:
-        """The patch embedding, cls token and position table of a timm ViT (one cls, no registers), cls moved last."""
-        if getattr(vit, "cls_token", None) is None or getattr(vit, "num_reg_tokens", 0) or vit.no_embed_class:
-            raise ValueError(
-                "image_patches_cls_last loads timm ViTs with one class token, no registers, no_embed_class off"
-            )
-        pe = vit.patch_embed
-        tok = cls(
-            img_size=tuple(pe.img_size),
-            patch_size=pe.patch_size[0],
-            in_chans=pe.proj.in_channels,
-            embed_dim=pe.proj.out_channels,
-            pos_embed="learned" if getattr(vit, "pos_embed", None) is not None else "none",
-            bias=pe.proj.bias is not None,
-        )
-        tok.load_timm_state(vit)
-        return tok
-
-    def forward(self, images: torch.Tensor) -> Tokens:
-        """``images [B, C, H, W]`` -> `Tokens` ``[B, h*w + 1, D]``, cls last."""
-        check_images(images, self.in_chans, self.patch_embed.patch_size, "image_patches_cls_last")
-        x = self.patch_embed(images)  # [B, h, w, D]
-        b, h, w, d = x.shape
-        x = x.reshape(b, h * w, d)
-        cls = self.cls_token.expand(b, -1, -1)
-        pos_embed = self._positions(h, w)  # [1, 1 + h*w, D], cls entry first
-        if pos_embed is not None:
-            x = x + pos_embed[:, 1:]
-            cls = cls + pos_embed[:, :1]
-        x = torch.cat([x, cls], dim=1)
-        return Tokens(
-            x=x,
-            pos=self.token_positions(b, h, w, x.device),
-            grid=(h, w),
-            num_prefix=0,
-            num_suffix=1,
-            modality="image",
-        )
-
-    def token_positions(self, batch: int, h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
-        """``[B, h*w + 1, 2]`` (row, col) of each token; the cls (last) at (-1, -1)."""
-        return grid_positions((h, w), 0, 1, device=device).expand(batch, -1, -1)
 
 
 class _SequenceRoPE(nn.Module):
@@ -410,11 +332,15 @@ class CausalViT(nn.Module):
 
         self._tokenizer: ImagePatches | None = None
         if image_tokenizer:
-            kw = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
-            if cls_position == "last":
-                self._tokenizer = ImagePatchesClsLast(pos_embed=pos_embed, **kw)
-            else:
-                self._tokenizer = ImagePatches(class_token=True, pos_embed=pos_embed, **kw)
+            self._tokenizer = ImagePatches(
+                img_size=img_size,
+                patch_size=patch_size,
+                in_chans=in_chans,
+                embed_dim=embed_dim,
+                class_token=True,
+                pos_embed=pos_embed,
+                cls_position=cls_position,
+            )
         if self._tokenizer is not None and self.rope_embed is not None:
             self._tokenizer.register_forward_hook(self.rope_embed.tokens_hook)
         self.norm_pre = nn.Identity()
@@ -445,7 +371,7 @@ class CausalViT(nn.Module):
         return len(self.blocks)
 
     def make_tokenizer(self) -> ImagePatches:
-        """The patch embedding (``image_patches_cls_last`` for ``cls_position="last"``, else ``image_patches``)."""
+        """The patch embedding (``image_patches`` with this model's ``cls_position``)."""
         if self._tokenizer is None:
             raise ValueError("this CausalViT was built with image_tokenizer=False: it has no patch embedding")
         return self._tokenizer
