@@ -19,10 +19,10 @@ and ``rope="none"``.
 
 Sizes (`CAUSAL_VIT_PRESETS`): tiny 192/12 layers/3 heads, small 384/12/6, base 768/12/12, large 1024/24/16.
 
-`MMEncoder` runs it like `TimmViT`: ``make_tokenizer()`` (``image_patches`` with ``cls_position``), ``norm_pre`` (identity),
-``blocks[i](x, attn_mask)`` and ``norm``. The blocks compute their rotary from the token count; for ``rope="2d"``
-the grid comes from the backbone's own tokenizer (a forward hook records it) or from `prepare(tokens)`; with
-neither, a square grid is assumed.
+`MMEncoder` runs it like `TimmViT`: ``make_tokenizer()`` (``image_patches`` with ``cls_position``), ``norm_pre``
+(identity), ``blocks[i](x, attn_mask)`` and ``norm``. The blocks compute their rotary from the token count; for
+``rope="2d"`` the grid comes from the backbone's own tokenizer (a forward hook records it) or from `prepare(tokens)`;
+with neither, a square grid is assumed.
 """
 
 from __future__ import annotations
