@@ -26,10 +26,8 @@ def list_adapters() -> list[str]:
 
 def create_adapter(name: str, in_dim: int, out_dim: int, **kwargs: Any) -> Adapter:
     """Build the adapter `name` projecting ``in_dim`` -> ``out_dim`` tokens."""
-    cls = ADAPTERS.get(name)
+    ADAPTERS.get(name)
     if not (isinstance(in_dim, int) and in_dim > 0 and isinstance(out_dim, int) and out_dim > 0):
         raise ValueError(f"adapter widths must be positive ints, got in_dim={in_dim!r}, out_dim={out_dim!r}")
-    try:
-        return cls(in_dim, out_dim, **kwargs)
-    except TypeError as err:
-        raise TypeError(f"adapter {name!r}: {err}") from err
+    ADAPTERS.check_kwargs(name, kwargs, given=("in_dim", "out_dim"))
+    return ADAPTERS.get(name)(in_dim, out_dim, **kwargs)

@@ -45,7 +45,7 @@ def _tokens_into_llm(trainer) -> int | None:
     seen: dict[str, int] = {}
     handle = model.llm_stage.blocks.register_forward_hook(lambda m, a, out: seen.update(n=out.x.shape[1]))
     try:
-        batch = next(iter(trainer._loader(trainer.cfg["data"]["test_split"], train=False)))
+        batch = next(iter(trainer.eval_loaders["test"]))
         args, kwargs = batch.to(trainer.device).model_inputs()
         model.eval()
         with torch.no_grad():
@@ -64,13 +64,14 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every arm")
     args = parser.parse_args()
 
-    from mmblocks.train import Trainer, compare_runs_table
+    from mmblocks.recipes import build_trainer
+    from mmblocks.train import compare_runs_table
 
     out = Path(args.out)
     rows = []
     for group in args.only:
         if group == "adapters" and not (REPO / "runs/textures_tower_vit_tiny_p4/checkpoints").is_dir():
-            tower = Trainer(REPO / TOWER, ["train.progress=false", *args.set])
+            tower = build_trainer(REPO / TOWER, ["train.progress=false", *args.set])
             try:
                 tower.fit()
             finally:
@@ -83,7 +84,7 @@ def main() -> None:
                 if args.epochs is not None:
                     overrides.append(f"train.epochs={args.epochs}")
                 start = time.perf_counter()
-                trainer = Trainer(config, overrides)
+                trainer = build_trainer(config, overrides)
                 try:
                     summary = trainer.fit()
                     tokens = _tokens_into_llm(trainer)

@@ -33,7 +33,7 @@ def _command_line() -> str:
 
 # ----------------------------------------------------------------------------------------------- commands
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .recipes import train
 
     summary = train(args.config, args.overrides, resume=args.resume)
     test = summary.get("test") or {}
@@ -43,7 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_checkpoint
+    from .recipes import evaluate_checkpoint
 
     results = evaluate_checkpoint(args.config, args.checkpoint, args.overrides, splits=tuple(args.splits or ()))
     print(json.dumps(results, indent=1))
@@ -73,13 +73,14 @@ def _cmd_shards_write(args: argparse.Namespace) -> int:
 def _cmd_shards_make(args: argparse.Namespace) -> int:
     import yaml
 
+    from .config import ConfigError
     from .data import make_dataset
 
     kwargs = {}
     for item in args.set or ():
         key, sep, value = item.partition("=")
         if not sep or not key.strip().isidentifier():
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. samples_per_class=[200,40,40]")
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. samples_per_class=[200,40,40]")
         kwargs[key.strip()] = yaml.safe_load(value) if value.strip() else ""
     info = make_dataset(args.name, args.out, seed=args.seed, **kwargs)
     splits = info.get("splits", {})
@@ -135,6 +136,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; every choice list is the constant or registry the code uses."""
+    from .data import MODALITY_KEYS, list_datasets
+    from .llm import ATTENTION_MODES, FINAL_NORMS, ROPE_MODES, TUNE_MODES
+
     parser = argparse.ArgumentParser(
         prog="mmblocks", description="Non-text modalities through the transformer blocks of pretrained LLMs."
     )
@@ -159,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     wr.add_argument(
         "--modality",
         default="image",
-        choices=["image", "points", "audio", "video"],
+        choices=list(MODALITY_KEYS),
         help="image: jpg/png/webp; points: .npy [P, 3+C] float; audio: .flac/.wav; video: .mp4 (default: image)",
     )
     src = wr.add_mutually_exclusive_group(required=True)
@@ -172,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     wr.add_argument("--reencode", default=None, help="re-encode images to this format (default: keep as is)")
     wr.set_defaults(func=_cmd_shards_write)
     mk = ssub.add_parser("make", help="build an offline dataset from data shipped in installed packages")
-    mk.add_argument("name", choices=["digits", "textures", "meshes", "keywords", "moving-digits"])
+    mk.add_argument("name", choices=list_datasets())
     mk.add_argument("--out", required=True)
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument(
@@ -201,23 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
     show = bsub.add_parser("show", help="load layers from a source and print them with their parameter table")
     show.add_argument("source", help="model folder, .gguf file, offline name (smollm2-135m) or random:<family>")
     show.add_argument("--layers", default="-1", help="'-1', '3,5' or '10:14' (default: -1)")
-    show.add_argument("--attention", default="bidirectional", choices=["bidirectional", "causal", "soft"])
-    show.add_argument("--rope", default="none", choices=["none", "native", "2d", "3d"])
-    show.add_argument("--final-norm", default="rms_unit", choices=["none", "rms_unit", "llm"])
-    show.add_argument("--tune", default="frozen")
+    show.add_argument("--attention", default="bidirectional", choices=ATTENTION_MODES)
+    show.add_argument("--rope", default="none", choices=ROPE_MODES)
+    show.add_argument("--final-norm", default="rms_unit", choices=FINAL_NORMS)
+    show.add_argument("--tune", default="frozen", choices=TUNE_MODES)
     show.add_argument("--attn-implementation", default=None)
     show.set_defaults(func=_cmd_show)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; a user-facing error (`mmblocks.errors.USER_ERRORS`: a bad config value, missing shards,
+    an unknown model) is printed as one line with exit code 2, anything else keeps its traceback."""
+    from .errors import USER_ERRORS
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .config import ConfigError
-
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, TypeError, IndexError, KeyError, FileNotFoundError, ImportError) as err:
+    except USER_ERRORS as err:
         print(f"mmblocks: error: {err}", file=sys.stderr)
         return 2
 

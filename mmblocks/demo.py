@@ -54,7 +54,8 @@ def run_demo(quick: bool = False, out: str | Path = "runs/demo", epochs: int | N
     ``quick`` trains two steps of a one-block ViT on `digits` per arm (for tests); ``epochs`` overrides the
     configs' epoch count.
     """
-    from .train import Trainer, compare_runs_table
+    from .recipes import train
+    from .train import compare_runs_table
 
     out = Path(out)
     data_root = out / "data" / ("digits" if quick else "textures")
@@ -69,7 +70,7 @@ def run_demo(quick: bool = False, out: str | Path = "runs/demo", epochs: int | N
         if epochs is not None:
             overrides.append(f"train.epochs={epochs}")
         print(f"\n=== {arm}: {path.name} ===")
-        summary = Trainer(path, overrides).fit()
+        summary = train(path, overrides)
         test = summary.get("test") or {}
         rows.append(
             {

@@ -9,7 +9,8 @@ import pytest
 from safetensors.torch import load_file
 
 from mmblocks.data import make_dataset
-from mmblocks.train import Trainer, latest_checkpoint
+from mmblocks.recipes import build_trainer
+from mmblocks.train import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -44,7 +45,7 @@ def test_causal_vit_config_trains_and_advances_the_soft_mask(config, digits, tmp
     overrides = [*TINY, f"data.root={digits}", f"train.out_dir={tmp_path}"]
     if soft:  # r from 1 to 0 over 3 steps
         overrides.append("model.backbone.soft_mask={mode: linear, cutoff: 3, unit: steps}")
-    trainer = Trainer(REPO / "configs" / "image" / config, overrides)
+    trainer = build_trainer(REPO / "configs" / "image" / config, overrides)
     try:
         summary = trainer.fit()
     finally:

@@ -352,8 +352,9 @@ def test_batch_format_normalisation_and_channels(tmp_path):
     )
     assert gray.image.shape == (4, 1, 6, 6)
     torch.testing.assert_close(gray.image[3], torch.full((1, 6, 6), (200 / 255 - 0.5) / 0.5))
-    image, label, key, mask, extra = batch  # unpacks
+    image, label, key, mask, extra, fields = batch  # unpacks
     assert image is batch.image and label is batch.label and key == batch.key and mask is None and extra == {}
+    assert fields is batch.fields and batch.field("cls") is label
     assert batch.to("cpu").image.device.type == "cpu"
 
 

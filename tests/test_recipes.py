@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from mmblocks.config import load_config
 from mmblocks.data import make_dataset
-from mmblocks.train import Trainer, latest_checkpoint
+from mmblocks.recipes import build_trainer
+from mmblocks.train import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(
@@ -62,7 +63,7 @@ def test_recipes_exist_for_every_modality_with_three_arms():
 def test_recipe_trains_from_shards(recipe, small_datasets, tmp_path):
     cfg = load_config(REPO / recipe)
     root = small_datasets(cfg["data"]["dataset"])
-    trainer = Trainer(
+    trainer = build_trainer(
         REPO / recipe,
         [
             f"data.root={root}",
@@ -86,7 +87,7 @@ def test_recipe_trains_from_shards(recipe, small_datasets, tmp_path):
     train_rows = [r for r in rows if r["split"] == "train"]
     assert len(train_rows) == 2 and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in train_rows)
     state = load_file(latest_checkpoint(tmp_path / "run" / "checkpoints") / "model.safetensors")
-    if cfg["model"]["backbone"]["type"] == "point_transformer":  # BatchNorm statistics are trained state too
+    if cfg["model"]["backbone"]["name"] == "point_transformer":  # BatchNorm statistics are trained state too
         assert "tokenizer.encoder.first.1.running_var" in state
     if cfg["model"]["llm"]["enabled"]:  # frozen LLM weights are rebuilt from their source, never saved
         assert cfg["model"]["llm"]["tune"] in ("frozen", "random")

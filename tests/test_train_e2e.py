@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from mmblocks.cli import main as cli_main
-from mmblocks.train import Trainer, latest_checkpoint
+from mmblocks.recipes import build_trainer
+from mmblocks.train import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,16 +76,16 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, digits_root, tiny
     final weights equal those of a run that was never interrupted, across an epoch boundary."""
     llm = tiny_checkpoint("llama")
     steps = ["train.max_steps=8", "train.checkpoint_every=3"]
-    full = Trainer(
+    full = build_trainer(
         "configs/image/digits_vit_tiny_smollm2.yaml", _tiny_overrides(digits_root, tmp_path / "a", llm) + steps
     )
     assert full.steps_per_epoch == len(full.train_loader) < 8, "the run crosses an epoch boundary"
     full.fit()
     overrides = _tiny_overrides(digits_root, tmp_path / "b", llm) + steps
     with pytest.raises(_Kill):
-        Trainer("configs/image/digits_vit_tiny_smollm2.yaml", overrides, callbacks=[_kill_at(4)]).fit()
+        build_trainer("configs/image/digits_vit_tiny_smollm2.yaml", overrides, callbacks=[_kill_at(4)]).fit()
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-00000003"
-    resumed = Trainer("configs/image/digits_vit_tiny_smollm2.yaml", overrides, resume=True)
+    resumed = build_trainer("configs/image/digits_vit_tiny_smollm2.yaml", overrides, resume=True)
     resumed.fit()
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert a.keys() == b.keys() and len(a) > 10
@@ -95,7 +96,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, digits_root, tiny
 
 def test_training_learns_and_writes_everything(tmp_path, digits_root):
     run = tmp_path / "run"
-    summary = Trainer(
+    summary = build_trainer(
         "configs/image/digits_vit_tiny.yaml",
         [
             *_tiny_overrides(digits_root, run, None),
@@ -131,7 +132,7 @@ def test_training_learns_and_writes_everything(tmp_path, digits_root):
 def test_eval_cli_reads_the_checkpoint(tmp_path, digits_root, capsys):
     run = tmp_path / "run"
     overrides = [*_tiny_overrides(digits_root, run, None), "train.max_steps=3", "train.epochs=1"]
-    Trainer("configs/image/digits_vit_tiny.yaml", overrides).fit()
+    build_trainer("configs/image/digits_vit_tiny.yaml", overrides).fit()
     capsys.readouterr()
     code = cli_main(
         ["eval", "configs/image/digits_vit_tiny.yaml", *overrides, "--checkpoint", str(run / "checkpoints")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
@@ -12,10 +13,12 @@ from torch import nn
 from .registry import register_tokenizer
 from .tokens import Tokens
 
-__all__ = ["CLS_POSITIONS", "ImagePatches", "POS_EMBED_KINDS", "check_images"]
+__all__ = ["CLS_POSITIONS", "POS_EMBED_KINDS", "ClsPosition", "ImagePatches", "PosEmbed", "check_images"]
 
-POS_EMBED_KINDS = ("learned", "sincos", "none")
-CLS_POSITIONS = ("first", "last")
+PosEmbed = Literal["learned", "sincos", "none"]
+POS_EMBED_KINDS: tuple[str, ...] = get_args(PosEmbed)
+ClsPosition = Literal["first", "last"]
+CLS_POSITIONS: tuple[str, ...] = get_args(ClsPosition)
 
 
 def check_images(images: torch.Tensor, in_chans: int, patch_size: tuple[int, int], name: str) -> None:
@@ -71,10 +74,10 @@ class ImagePatches(nn.Module):
         embed_dim: int = 768,
         class_token: bool = True,
         num_registers: int = 0,
-        pos_embed: str = "learned",
+        pos_embed: PosEmbed = "learned",
         no_embed_class: bool = False,
         bias: bool = True,
-        cls_position: str = "first",
+        cls_position: ClsPosition = "first",
     ):
         super().__init__()
         if pos_embed not in POS_EMBED_KINDS:
@@ -127,7 +130,7 @@ class ImagePatches(nn.Module):
         return tuple(self.patch_embed.grid_size)
 
     @classmethod
-    def from_timm(cls, vit: nn.Module, cls_position: str = "first") -> ImagePatches:
+    def from_timm(cls, vit: nn.Module, cls_position: ClsPosition = "first") -> ImagePatches:
         """An `ImagePatches` holding a copy of a timm `VisionTransformer`'s patch embedding, tokens and positions
         (``cls_position="last"``: the same weights with the class token moved after the patches)."""
         pe = vit.patch_embed

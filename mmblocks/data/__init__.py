@@ -18,12 +18,24 @@ Read::
     build_loader("data/moving-digits", "train", batch_size=8, motion_vectors=True)  # [B, T, 3, H, W], extra["motion"]
 """
 
-from .codecs import AudioCodec, ImageCodec, PointsCodec, SampleCodec, VideoCodec, pad_stack
-from .datasets import DATASETS, TEXTURE_PHOTOS, digits_splits, make_dataset, make_digits, make_textures, texture_splits
+from .codecs import (
+    CODECS,
+    AudioCodec,
+    ImageCodec,
+    PointsCodec,
+    SampleCodec,
+    VideoCodec,
+    create_codec,
+    list_codecs,
+    pad_stack,
+    register_codec,
+)
+from .datasets import TEXTURE_PHOTOS, digits_splits, make_digits, make_textures, texture_splits
 from .keywords import ENGLISH_VOICES, KEYWORDS, VARIANTS, EspeakNotFoundError, keyword_voice_splits, make_keywords
 from .loader import Batch, MissingKeyError, ShardDataset, ShardLoader, ShardSource, build_loader, resolve_shards
 from .meshes import MESH_CATEGORIES, make_meshes
 from .moving_digits import DIRECTIONS, make_moving_digits
+from .registry import DATASETS, list_datasets, make_dataset, register_dataset
 from .schema import (
     FORMAT_VERSION,
     IMAGE_KEYS,
@@ -54,12 +66,18 @@ from .transforms import (
 )
 
 __all__ = [
+    "CODECS",
     "AudioCodec",
     "ImageCodec",
     "PointsCodec",
     "SampleCodec",
     "VideoCodec",
     "pad_stack",
+    "create_codec",
+    "list_codecs",
+    "list_datasets",
+    "register_codec",
+    "register_dataset",
     "DATASETS",
     "DIRECTIONS",
     "ENGLISH_VOICES",

@@ -21,6 +21,10 @@ codec          shard keys  inputs                                   mask        
 
 Undecodable bytes raise in `decode`; the loader skips and counts the sample (with the reason). Structural problems
 that are not corruption (a point cloud with the wrong number of channels) raise a `ValueError` that names the file.
+
+Codecs are registered by modality (`CODECS`, `create_codec`): `build_loader` builds the one its shards need from one
+bag of loader options, each codec's `from_options` taking the ones it uses. A new modality is one codec class here (or
+in a file of its own) registered with ``@register_codec("name")``.
 """
 
 from __future__ import annotations
@@ -35,17 +39,51 @@ import numpy as np
 import torch
 from webdataset.autodecode import Decoder
 
+from tokenizers_mm.registry import Registry
+
 from .schema import IMAGE_KEYS, MODALITY_KEYS
-from .transforms import BatchNormalizer, ImageDecoder, _mean_std, build_geometry, to_uint8_hwc
+from .transforms import AUGMENT_PRESETS, BatchNormalizer, ImageDecoder, _mean_std, build_geometry, to_uint8_hwc
 
 __all__ = [
+    "CODECS",
+    "FRAME_SAMPLINGS",
     "AudioCodec",
     "ImageCodec",
     "PointsCodec",
     "SampleCodec",
     "VideoCodec",
+    "augment_presets",
+    "create_codec",
+    "list_codecs",
     "pad_stack",
+    "register_codec",
 ]
+
+#: Modality name -> codec class (what ``index.json``'s ``modality`` and ``data.modality`` name).
+CODECS: Registry[SampleCodec] = Registry("codec")
+FRAME_SAMPLINGS: tuple[str, ...] = ("uniform", "stride")
+
+
+def register_codec(modality: str) -> Any:
+    """Class decorator: the codec of `modality` (a `SampleCodec` subclass with a `from_options` classmethod)."""
+    return CODECS.register(modality)
+
+
+def list_codecs() -> list[str]:
+    """The modalities the loader reads."""
+    return CODECS.names()
+
+
+def create_codec(modality: str, **options: Any) -> SampleCodec:
+    """The codec of `modality` from the loader's options (``train``, ``augment``, ``image_size``, ``channels``,
+    ``mean``, ``std``, ``num_points``, ``sample_rate``, ``max_seconds``, ``num_frames``, ``frame_sampling``,
+    ``frame_stride``, ``motion_vectors``); each codec takes the ones it uses."""
+    return CODECS.get(modality).from_options(**options)
+
+
+def augment_presets() -> tuple[str, ...]:
+    """Every named augmentation preset of every registered codec (``data.augment_policy`` choices)."""
+    return tuple(dict.fromkeys(p for m in list_codecs() for p in CODECS.get(m).augment_presets))
 
 
 def pad_stack(arrays: Sequence[np.ndarray], dtype: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -78,6 +116,13 @@ class SampleCodec:
 
     modality: str = ""
     keys: tuple[str, ...] = ()
+    #: Named augmentations `augment` accepts besides None / True / False.
+    augment_presets: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, **options: Any) -> SampleCodec:
+        """The codec from the loader's option bag (see `create_codec`)."""
+        raise NotImplementedError
 
     def decode(self, data: bytes, ext: str, key: str) -> Any:
         raise NotImplementedError
@@ -100,12 +145,30 @@ class SampleCodec:
 # ------------------------------------------------------------------------------------------------------- images
 
 
+@register_codec("image")
 class ImageCodec(SampleCodec):
     """Encoded images -> torchvision v2 geometry (crop/resize/flip, `build_geometry`) -> uint8 ``[H, W, C]``; the main
     process normalises the whole uint8 batch into float32 ``[B, C, H, W]`` in one op (`BatchNormalizer`)."""
 
     modality = "image"
     keys = IMAGE_KEYS
+    augment_presets = tuple(AUGMENT_PRESETS)
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        train: bool,
+        augment: Any = None,
+        image_size: Any = None,
+        channels: int = 3,
+        mean=None,
+        std=None,
+        **_: Any,
+    ) -> ImageCodec:
+        if image_size is None:
+            raise ValueError("image shards need image_size")
+        return cls(image_size, train=train, augment=augment, channels=channels, mean=mean, std=std)
 
     def __init__(
         self,
@@ -163,6 +226,7 @@ def _random_rotation(generator: torch.Generator | None = None) -> np.ndarray:
     return q.to(torch.float32).numpy()
 
 
+@register_codec("points")
 class PointsCodec(SampleCodec):
     """``npy`` point clouds ``[P, 3 + C]`` (float32; other float dtypes are converted) -> float32 ``[P', 3 + C]``.
 
@@ -181,6 +245,11 @@ class PointsCodec(SampleCodec):
 
     modality = "points"
     keys = MODALITY_KEYS["points"]
+    augment_presets = tuple(POINT_AUGMENT_PRESETS)
+
+    @classmethod
+    def from_options(cls, *, train: bool, augment: Any = None, num_points: int | None = None, **_: Any) -> PointsCodec:
+        return cls(num_points, train=train, augment=augment)
 
     def __init__(self, num_points: int | None = None, *, train: bool, augment: Any = None, channels: int | None = None):
         if num_points is not None and num_points < 1:
@@ -264,6 +333,7 @@ class PointsCodec(SampleCodec):
 # -------------------------------------------------------------------------------------------------------- audio
 
 
+@register_codec("audio")
 class AudioCodec(SampleCodec):
     """``flac|wav`` -> mono float32 waveform at `sample_rate` (resampled with torchaudio when the file differs).
 
@@ -278,6 +348,15 @@ class AudioCodec(SampleCodec):
 
     modality = "audio"
     keys = MODALITY_KEYS["audio"]
+
+    @classmethod
+    def from_options(
+        cls, *, train: bool, augment: Any = None, sample_rate: int = 16000, max_seconds: float | None = None, **_: Any
+    ) -> AudioCodec:
+        if augment not in (None, False, True) and not isinstance(augment, int | float):
+            raise ValueError(f"audio augment is a random gain in dB (a number), got {augment!r}")
+        gain = 0.0 if augment in (None, False) else 6.0 if augment is True else float(augment)
+        return cls(sample_rate, train=train, max_seconds=max_seconds, gain_db=gain if train else 0.0)
 
     def __init__(
         self,
@@ -325,6 +404,7 @@ class AudioCodec(SampleCodec):
 # -------------------------------------------------------------------------------------------------------- video
 
 
+@register_codec("video")
 class VideoCodec(SampleCodec):
     """``mp4`` -> ``num_frames`` decoded frames (PyAV, `mmblocks.data.video_io.decode_video`) as uint8
     ``[T, H, W, 3]``; the main process normalises the batch into float32 ``[B, T, C, H, W]``.
@@ -342,6 +422,37 @@ class VideoCodec(SampleCodec):
     modality = "video"
     keys = MODALITY_KEYS["video"]
 
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        train: bool,
+        augment: Any = None,
+        num_frames: int | None = 16,
+        frame_sampling: str = "uniform",
+        frame_stride: int = 1,
+        image_size: Any = None,
+        motion_vectors: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        **_: Any,
+    ) -> VideoCodec:
+        if augment not in (None, False, "none"):
+            raise ValueError(
+                f"video loaders have no augmentation (a flip would change a motion class); got augment={augment!r}: "
+                "set data.augment=false"
+            )
+        return cls(
+            num_frames,
+            train=train,
+            sampling=frame_sampling,
+            stride=frame_stride,
+            image_size=image_size,
+            motion_vectors=motion_vectors,
+            mean=mean,
+            std=std,
+        )
+
     def __init__(
         self,
         num_frames: int | None = 16,
@@ -354,8 +465,8 @@ class VideoCodec(SampleCodec):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ):
-        if sampling not in ("uniform", "stride"):
-            raise ValueError(f"sampling must be 'uniform' or 'stride', got {sampling!r}")
+        if sampling not in FRAME_SAMPLINGS:
+            raise ValueError(f"sampling must be one of {FRAME_SAMPLINGS}, got {sampling!r}")
         self.num_frames, self.train, self.sampling, self.stride = num_frames, train, sampling, stride
         self.size = (image_size, image_size) if isinstance(image_size, int) else image_size
         if motion_vectors and self.size is not None:

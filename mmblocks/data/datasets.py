@@ -11,7 +11,8 @@
 * ``moving-digits`` (video, `mmblocks.data.moving_digits`): a digit moving in one of 8 directions, class =
   direction.
 
-``mmblocks shards make digits|textures|meshes|keywords|moving-digits --out DIR`` calls `make_dataset`. Nothing is
+``mmblocks shards make digits|textures|meshes|keywords|moving-digits --out DIR`` calls `make_dataset`
+(`mmblocks.data.registry`). Nothing is
 downloaded: the skimage photographs that download on first use (brain, cells3d, skin, lily, kidney, eagle) are refused.
 """
 
@@ -24,17 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from .keywords import make_keywords
-from .meshes import make_meshes
-from .moving_digits import make_moving_digits
-from .shards import ShardWriteError, write_shards
+from .registry import register_dataset
+from .shards import write_shards
 
 __all__ = [
-    "DATASETS",
     "DOWNLOADING_PHOTOS",
     "TEXTURE_PHOTOS",
     "digits_splits",
-    "make_dataset",
     "make_digits",
     "make_textures",
     "texture_splits",
@@ -119,6 +116,7 @@ def digits_splits(seed: int = 0, fractions: Sequence[float] = (0.7, 0.15, 0.15))
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
+@register_dataset("digits")
 def make_digits(
     out: str | os.PathLike,
     *,
@@ -320,6 +318,7 @@ def texture_splits(
     return samples, regions
 
 
+@register_dataset("textures")
 def make_textures(
     out: str | os.PathLike,
     *,
@@ -386,25 +385,3 @@ def make_textures(
             progress=progress,
         )
     return result
-
-
-DATASETS = {
-    "digits": make_digits,
-    "textures": make_textures,
-    "meshes": make_meshes,
-    "keywords": make_keywords,
-    "moving-digits": make_moving_digits,
-}
-
-
-def make_dataset(name: str, out: str | os.PathLike, seed: int = 0, **kwargs: Any) -> dict[str, Any]:
-    """``mmblocks shards make digits|textures|meshes|keywords|moving-digits --out DIR [--seed S]``: write a built-in
-    offline dataset.
-
-    `kwargs` go to the maker (`make_digits`, `make_textures`, `make_meshes`, `make_keywords`,
-    `make_moving_digits`; e.g. ``max_count``, ``crops_per_class``, ``samples_per_class``, ``progress``).
-    Returns the ``index.json`` contents.
-    """
-    if name not in DATASETS:
-        raise ShardWriteError(f"unknown dataset {name!r} (built in: {', '.join(DATASETS)})")
-    return DATASETS[name](out, seed=seed, **kwargs)

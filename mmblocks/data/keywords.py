@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import MMBlocksError
+from .registry import register_dataset
 from .shards import write_shards
 
 __all__ = [
@@ -93,7 +95,7 @@ ENGLISH_VOICES = (
 VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4")
 
 
-class EspeakNotFoundError(FileNotFoundError):
+class EspeakNotFoundError(MMBlocksError, FileNotFoundError):
     """espeak-ng is not installed (``apt-get install espeak-ng``)."""
 
 
@@ -204,6 +206,7 @@ def synthesize(
     }
 
 
+@register_dataset("keywords")
 def make_keywords(
     out: str | os.PathLike,
     *,

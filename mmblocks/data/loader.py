@@ -1,4 +1,4 @@
-"""Read WebDataset image-classification shards: exact or resampled epochs over ranks x workers, batches of tensors.
+"""Read WebDataset shards of any modality: exact or resampled epochs over ranks x workers, batches of tensors.
 
 `build_loader` returns a `ShardLoader`; iterating it gives `Batch` named tuples::
 
@@ -8,6 +8,12 @@
         for batch in loader:          # batch.image [B, 3, 32, 32] float32, batch.label [B] int64, batch.key list[str]
             ...
         print(loader.stats)           # {"epoch": 9, "samples": 5440, "skipped": 0, "shard_errors": 0, ...}
+
+Besides the media (decoded by the modality's codec, `mmblocks.data.codecs`), the loader decodes the fields the shards
+carry (`mmblocks.data.schema.FIELD_KEYS`): ``cls`` (the label, ``batch.label``), ``txt`` (a caption or transcript) and
+``json`` (metadata), the last two in ``batch.fields``. ``fields=`` names the ones every sample must have (a Task passes
+the fields it needs; by default ``cls`` when ``index.json`` lists class names); other fields appear in a batch when
+every sample of that batch carries them.
 
 Pipeline, in each DataLoader worker (open_clip's WDS pipeline, made exact): shard plan -> tar reading
 (`tario.iter_samples`, a strict and fast reader) -> seeded sample shuffle buffer on the raw bytes
@@ -49,14 +55,15 @@ shard that cannot be read to its end (truncated, bad header checksum), or that h
 travel from the workers to the main process with the batches (each batch carries the counts since the previous
 one, each worker ends with a counts-only item), so `ShardLoader.stats` is exact for any ``num_workers`` and
 live during the epoch; a warning with the first reasons is logged at the end of an epoch that skipped anything.
-A sample without ``cls`` or without an image key is not bad data but a wrong dataset: `MissingKeyError` names the
-key, the sample and the shard.
+A sample without its media key, or without a field listed in ``fields``, is not bad data but a wrong dataset:
+`MissingKeyError` names the key, the sample and the shard.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import logging
 import math
 import multiprocessing as mp
@@ -73,8 +80,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
-from .codecs import AudioCodec, ImageCodec, PointsCodec, RawInputs, SampleCodec, VideoCodec
-from .schema import INDEX_NAME, LABEL_KEY, DatasetIndex, ShardIndexError, read_index
+from ..errors import MMBlocksError
+from .codecs import RawInputs, SampleCodec, create_codec
+from .schema import FIELD_KEYS, INDEX_NAME, LABEL_KEY, TEXT_KEY, DatasetIndex, ShardIndexError, read_index
 from .tario import iter_samples, open_shard
 
 __all__ = [
@@ -94,8 +102,9 @@ PARTITIONS = ("auto", "range", "shards")
 _MAX_REASONS = 5
 
 
-class MissingKeyError(KeyError):
-    """A sample lacks a required key (``cls``, or an image under ``jpg|jpeg|png|webp``).
+class MissingKeyError(MMBlocksError, KeyError):
+    """A sample lacks a required key (its media, e.g. an image under ``jpg|jpeg|png|webp``, or a required field such
+    as ``cls``).
 
     The message names the missing key, the sample key, the shard and the keys the sample has.
     """
@@ -106,23 +115,39 @@ class MissingKeyError(KeyError):
 
 class Batch(NamedTuple):
     """One batch: ``inputs`` for the tokenizer (see `mmblocks.data.codecs`: images float32 ``[B, C, H, W]``
-    normalised, points ``[B, P, 3 + C]``, waveforms ``[B, S]``, frames ``[B, T, C, H, W]``), ``label`` int64 ``[B]``,
-    ``key`` the sample keys, ``mask`` the padding mask of variable-length batches (``[B, P]`` points, ``[B, S]``
-    samples, ``[B, T]`` frames; True = real; None when nothing is padded) and ``extra`` named side inputs (a video's
-    codec ``motion``). ``batch.image`` is ``batch.inputs``.
+    normalised, points ``[B, P, 3 + C]``, waveforms ``[B, S]``, frames ``[B, T, C, H, W]``), ``label`` int64 ``[B]``
+    (the ``cls`` field; None when the batch has none), ``key`` the sample keys, ``mask`` the padding mask of
+    variable-length batches (``[B, P]`` points, ``[B, S]`` samples, ``[B, T]`` frames; True = real; None when nothing
+    is padded), ``extra`` named side inputs of the model (a video's codec ``motion``) and ``fields`` the other
+    per-sample fields of the shards (``txt``: list of str, ``json``: list of dict). ``batch.image`` is
+    ``batch.inputs``; ``batch.field(name)`` gets any field by its shard key, with a clear error when absent.
 
     The model call is ``model(batch.inputs, mask=batch.mask, **batch.extra)`` (`model_inputs`).
     """
 
     inputs: torch.Tensor
-    label: torch.Tensor
+    label: torch.Tensor | None
     key: list[str]
     mask: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = {}  # noqa: RUF012 (never mutated: `to` builds a new dict)
+    fields: dict[str, Any] = {}  # noqa: RUF012 (idem)
 
     @property
     def image(self) -> torch.Tensor:
         return self.inputs
+
+    def field(self, name: str) -> Any:
+        """The field stored under shard key `name` (``cls`` -> ``label``), or `MissingKeyError` saying what the batch
+        has and how to require the field."""
+        value = self.label if name == LABEL_KEY else self.fields.get(name)
+        if value is None:
+            have = ([LABEL_KEY] if self.label is not None else []) + sorted(self.fields)
+            raise MissingKeyError(
+                f"this batch has no field {name!r} (it has: {', '.join(have) or 'none'}; samples {self.key[:3]}...): "
+                f"build the loader with fields=({name!r},) so that every sample must carry it and a sample without it "
+                "is reported with its shard"
+            )
+        return value
 
     def model_inputs(self) -> tuple[tuple[torch.Tensor], dict[str, Any]]:
         """``(args, kwargs)`` for ``model(*args, **kwargs)``: the mask and extras only when present."""
@@ -141,6 +166,7 @@ class Batch(NamedTuple):
             self.key,
             move(self.mask),
             {k: move(v) for k, v in self.extra.items()},
+            self.fields,
         )
 
 
@@ -355,11 +381,30 @@ def _identity(x: Any) -> Any:
 class _RawBatch(NamedTuple):
     """What a worker sends: the codec's numpy batch (e.g. uint8 images ``[B, H, W, C]``: pickled through the
     worker's pipe, which for batches of small arrays costs less than passing tensor storages as file descriptors),
-    int64 labels, keys."""
+    int64 labels (None without ``cls``), keys and the other fields."""
 
     inputs: RawInputs
-    labels: np.ndarray
+    labels: np.ndarray | None
     keys: list[str]
+    fields: dict[str, list[Any]]
+
+
+class _Item(NamedTuple):
+    """One decoded sample: the codec's item, its label (None without ``cls``), key and other fields."""
+
+    data: Any
+    label: int | None
+    key: str
+    fields: dict[str, Any]
+
+
+def _decode_field(name: str, raw: Any) -> Any:
+    data = bytes(raw) if not isinstance(raw, str) else raw.encode("utf-8")
+    if name == LABEL_KEY:
+        return int(data.decode("ascii").strip())
+    if name == TEXT_KEY:
+        return data.decode("utf-8")
+    return json.loads(data)
 
 
 class ShardDataset(IterableDataset):
@@ -384,8 +429,12 @@ class ShardDataset(IterableDataset):
         shuffle_initial: int | None = None,
         drop_last: bool = False,
         num_classes: int | None = None,
+        fields: Sequence[str] = (),
     ):
         super().__init__()
+        unknown = [f for f in fields if f not in FIELD_KEYS]
+        if unknown:
+            raise ValueError(f"fields {unknown} are not sample fields the loader decodes ({', '.join(FIELD_KEYS)})")
         if partition not in PARTITIONS:
             raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
         if partition == "range" and source.counts is None:
@@ -403,6 +452,7 @@ class ShardDataset(IterableDataset):
         self.shuffle_initial = shuffle_buffer // 4 if shuffle_initial is None else shuffle_initial
         self.drop_last = drop_last
         self.num_classes = num_classes
+        self.fields = tuple(fields)
 
     @property
     def epoch(self) -> int:
@@ -477,38 +527,42 @@ class ShardDataset(IterableDataset):
                 raise RuntimeError(f"resampling read {empty} empty or unreadable shards in a row from {urls[:3]}...")
 
     # -- decoding
-    def _prepare(self, sample: dict[str, Any], stats: _Stats) -> tuple[Any, int, str] | None:
+    def _prepare(self, sample: dict[str, Any], stats: _Stats) -> _Item | None:
         key, url = sample.get("__key__"), sample.get("__url__")
         codec = self.codec
         media_key = next((k for k in codec.keys if k in sample), None)
-        if media_key is None or LABEL_KEY not in sample:
+        missing = next((f for f in self.fields if f not in sample), None)
+        if media_key is None or missing is not None:
             present = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "none"
-            what = (
-                f"{codec.modality} key (one of {', '.join(codec.keys)})" if media_key is None else f"key {LABEL_KEY!r}"
-            )
+            what = f"{codec.modality} key (one of {', '.join(codec.keys)})" if media_key is None else f"key {missing!r}"
+            why = {LABEL_KEY: " (cls is the class label)", TEXT_KEY: " (txt is the caption or transcript)"}
             raise MissingKeyError(
                 f"missing {what} in sample {key!r} of shard {url}; the sample has: {present}"
-                + ("" if media_key is None else " (cls is the class label)")
+                + ("" if media_key is None else why.get(missing, ""))
             )
         try:
-            label = int(bytes(sample[LABEL_KEY]).decode("ascii").strip())
+            fields = {f: _decode_field(f, sample[f]) for f in FIELD_KEYS if f in sample}
             item = codec.decode(sample[media_key], media_key, key)
-        except Exception as exn:  # truncated/invalid media, unparsable label: skip and count
+        except Exception as exn:  # truncated/invalid media, unparsable label or text: skip and count
             cause = exn.__cause__ or exn
             stats.skipped += 1
             stats.note(f"{key} in {url}: {type(cause).__name__}: {cause}")
             return None
-        if self.num_classes is not None and not 0 <= label < self.num_classes:
+        label = fields.pop(LABEL_KEY, None)
+        if label is not None and self.num_classes is not None and not 0 <= label < self.num_classes:
             raise ValueError(
                 f"label {label!r} of sample {key!r} in shard {url} is outside 0..{(self.num_classes or 0) - 1}"
             )
-        return item, label, key
+        return _Item(item, label, key, fields)
 
-    def _collate(self, items: list[tuple[Any, int, str]]) -> _RawBatch:
+    def _collate(self, items: list[_Item]) -> _RawBatch:
+        labelled = all(it.label is not None for it in items)
+        shared = set(items[0].fields).intersection(*(it.fields for it in items[1:]))
         return _RawBatch(
-            self.codec.collate([x for x, _, _ in items]),
-            np.array([y for _, y, _ in items], dtype=np.int64),
-            [k for *_, k in items],
+            self.codec.collate([it.data for it in items]),
+            np.array([it.label for it in items], dtype=np.int64) if labelled else None,
+            [it.key for it in items],
+            {name: [it.fields[name] for it in items] for name in sorted(shared)},
         )
 
     def __iter__(self) -> Iterator[tuple[_RawBatch | None, dict[str, Any]]]:
@@ -533,7 +587,7 @@ class ShardDataset(IterableDataset):
         while max_batches is None or batches < max_batches:
             outer = torch.get_rng_state()
             torch.set_rng_state(aug_state)
-            items: list[tuple[np.ndarray, int, str]] = []
+            items: list[_Item] = []
             try:
                 for sample in raw:
                     item = self._prepare(sample, stats)
@@ -712,7 +766,8 @@ class ShardLoader:
         """Tensors from a worker's numpy batch (in this process; images and frames are normalised here in one
         vectorised op per batch)."""
         inputs, mask, extra = self.dataset.codec.finish(raw.inputs, self.pin_memory)
-        return Batch(inputs, torch.from_numpy(raw.labels), raw.keys, mask, extra)
+        labels = None if raw.labels is None else torch.from_numpy(raw.labels)
+        return Batch(inputs, labels, raw.keys, mask, extra, raw.fields)
 
     def close(self) -> None:
         """Stop persistent workers now (they also stop when the loader is garbage collected)."""
@@ -811,6 +866,7 @@ def build_loader(
     frame_sampling: str = "uniform",
     frame_stride: int = 1,
     motion_vectors: bool = False,
+    fields: Sequence[str] | None = None,
 ) -> ShardLoader:
     """A loader over the classification shards of `split` for this rank, for any modality.
 
@@ -844,6 +900,9 @@ def build_loader(
         num_points: points: points kept per cloud (`PointsCodec`).
         sample_rate, max_seconds: audio: the model's rate and the crop length (`AudioCodec`).
         num_frames, frame_sampling, frame_stride, motion_vectors: video (`VideoCodec`).
+        fields: the sample fields (``cls``, ``txt``, ``json``) every sample must carry; a sample without one is a
+            `MissingKeyError` naming it and its shard. Default: ``("cls",)`` when ``index.json`` lists class names,
+            else none. Fields present but not listed are decoded too (``batch.label``, ``batch.fields``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -860,7 +919,7 @@ def build_loader(
     stored = source.index.modality if source.index is not None else None
     if codec is None:
         modality = modality or stored or "image"
-        codec = _make_codec(
+        codec = create_codec(
             modality,
             train=split == "train",
             augment=augment,
@@ -895,6 +954,7 @@ def build_loader(
         shuffle_initial=shuffle_initial,
         drop_last=drop_last,
         num_classes=None if names is None else len(names),
+        fields=(LABEL_KEY,) if fields is None and names else tuple(fields or ()),
     )
     return ShardLoader(
         dataset,
@@ -904,34 +964,3 @@ def build_loader(
         multiprocessing_context=multiprocessing_context,
         persistent_workers=persistent_workers,
     )
-
-
-def _make_codec(modality: str, *, train: bool, augment: Any, image_size: Any, channels: int, **kw: Any) -> SampleCodec:
-    if modality == "image":
-        if image_size is None:
-            raise ValueError("image shards need image_size")
-        return ImageCodec(image_size, train=train, augment=augment, channels=channels, mean=kw["mean"], std=kw["std"])
-    if modality == "points":
-        return PointsCodec(kw["num_points"], train=train, augment=augment)
-    if modality == "audio":
-        if augment not in (None, False, True) and not isinstance(augment, int | float):
-            raise ValueError(f"audio augment is a random gain in dB (a number), got {augment!r}")
-        gain = 0.0 if augment in (None, False) else 6.0 if augment is True else float(augment)
-        return AudioCodec(kw["sample_rate"], train=train, max_seconds=kw["max_seconds"], gain_db=gain if train else 0.0)
-    if modality == "video":
-        if augment not in (None, False, "none"):
-            raise ValueError(
-                f"video loaders have no augmentation (a flip would change a motion class); got augment={augment!r}: "
-                "set data.augment=false"
-            )
-        return VideoCodec(
-            kw["num_frames"],
-            train=train,
-            sampling=kw["frame_sampling"],
-            stride=kw["frame_stride"],
-            image_size=image_size,
-            motion_vectors=kw["motion_vectors"],
-            mean=kw["mean"],
-            std=kw["std"],
-        )
-    raise ValueError(f"unknown modality {modality!r} (image, points, audio, video)")

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from .registry import register_dataset
 from .shards import ShardWriteError, write_shards
 
 __all__ = ["MESH_CATEGORIES", "load_category_meshes", "make_meshes", "mesh_splits", "sample_cloud"]
@@ -192,6 +193,7 @@ def sample_cloud(
     return cloud.astype(np.float32), params
 
 
+@register_dataset("meshes")
 def make_meshes(
     out: str | os.PathLike,
     *,

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .registry import register_dataset
 from .shards import write_shards
 
 __all__ = ["DIRECTIONS", "digit_trajectory", "draw_motion", "make_moving_digits", "render_clip"]
@@ -97,6 +98,7 @@ def render_clip(digit: np.ndarray, positions: np.ndarray, background: np.ndarray
     return frames
 
 
+@register_dataset("moving-digits")
 def make_moving_digits(
     out: str | os.PathLike,
     *,

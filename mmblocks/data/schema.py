@@ -51,12 +51,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import MMBlocksError
+
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "IMAGE_KEYS",
     "INDEX_NAME",
+    "FIELD_KEYS",
     "LABEL_KEY",
+    "META_KEY",
+    "TEXT_KEY",
     "MODALITY_KEYS",
     "DatasetIndex",
     "ShardIndexError",
@@ -72,6 +77,10 @@ FORMAT_NAME = "mmblocks-wds"
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 LABEL_KEY = "cls"
+TEXT_KEY = "txt"
+META_KEY = "json"
+#: Per-sample keys besides the media that the loader decodes into batch fields (design §6).
+FIELD_KEYS: tuple[str, ...] = (LABEL_KEY, TEXT_KEY, META_KEY)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MODALITY_KEYS: dict[str, tuple[str, ...]] = {
     "image": IMAGE_KEYS,
@@ -81,7 +90,7 @@ MODALITY_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-class ShardIndexError(ValueError):
+class ShardIndexError(MMBlocksError, ValueError):
     """An ``index.json`` that is missing, malformed, or does not match the shards beside it."""
 
 

@@ -41,6 +41,7 @@ import numpy as np
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from ..errors import MMBlocksError
 from .schema import (
     IMAGE_KEYS,
     LABEL_KEY,
@@ -86,7 +87,7 @@ _TAR_RECORD = 20 * _TAR_BLOCK
 _META_FIELDS = {"__url__", "__local_path__", "__worker__", "__rank__", "__nodeinfo__"}
 
 
-class ShardWriteError(ValueError):
+class ShardWriteError(MMBlocksError, ValueError):
     """Bad input for a shard writer: an invalid sample, a missing file, an unknown extension, an empty folder."""
 
 

@@ -14,6 +14,7 @@ from .schema import IMAGE_KEYS
 
 __all__ = [
     "AUGMENT_PRESETS",
+    "CHANNELS",
     "BatchNormalizer",
     "ImageDecoder",
     "ToNormalizedTensor",
@@ -22,6 +23,9 @@ __all__ = [
     "build_transform",
     "default_mean_std",
 ]
+
+#: Image channels the loader produces (grayscale or RGB).
+CHANNELS: tuple[int, ...] = (1, 3)
 
 #: ``augment`` names: ``light`` = random resized crop (scale 0.5-1) + horizontal flip, ``crop`` = the crop without
 #: the flip (for data where a mirror image changes the class, e.g. digits), ``none`` = the eval transform.
@@ -50,8 +54,8 @@ class ImageDecoder:
     """
 
     def __init__(self, channels: int = 3, extensions: Sequence[str] = IMAGE_KEYS):
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if channels not in CHANNELS:
+            raise ValueError(f"channels must be one of {CHANNELS}, got {channels}")
         self.channels = channels
         self.mode = "L" if channels == 1 else "RGB"
         self.extensions = frozenset(e.lower() for e in extensions)

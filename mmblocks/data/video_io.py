@@ -34,6 +34,8 @@ import av
 import numpy as np
 import torch
 
+from ..errors import MMBlocksError
+
 __all__ = [
     "AUTO_THREADS_MIN_PIXELS",
     "MACROBLOCK",
@@ -53,7 +55,7 @@ _THREAD_TYPES = ("AUTO", "FRAME", "SLICE", "NONE")
 AUTO_THREADS_MIN_PIXELS = 1 << 21  # decode work (frames x H x W) from which decode_video's default is frame threads
 
 
-class VideoDecodeError(ValueError):
+class VideoDecodeError(MMBlocksError, ValueError):
     """The input could not be decoded as a video (the message says what was given and why)."""
 
 

@@ -1,5 +1,6 @@
-"""Task heads on top of `Tokens`."""
+"""Heads on top of `Tokens`, registered by name (`create_head`, `list_heads`)."""
 
-from .classification import POOLING, ClassifierHead
+from .classification import POOLING, ClassifierHead, Pooling
+from .registry import HEADS, create_head, list_heads, register_head
 
-__all__ = ["POOLING", "ClassifierHead"]
+__all__ = ["HEADS", "POOLING", "ClassifierHead", "Pooling", "create_head", "list_heads", "register_head"]

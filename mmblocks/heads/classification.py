@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
 from tokenizers_mm import Tokens
 
-__all__ = ["ClassifierHead", "POOLING"]
+from .registry import register_head
 
-POOLING = ("cls", "mean", "last", "cls+max")
+__all__ = ["ClassifierHead", "POOLING", "Pooling"]
+
+Pooling = Literal["cls", "mean", "last", "cls+max"]
+POOLING: tuple[str, ...] = get_args(Pooling)
 
 
+@register_head("classifier")
 class ClassifierHead(nn.Module):
     """Pooling + dropout + linear classifier.
 
@@ -21,7 +27,7 @@ class ClassifierHead(nn.Module):
     concatenated with the max over grid tokens). ``Tokens [B, N, D] -> logits [B, num_classes]``.
     """
 
-    def __init__(self, in_dim: int, num_classes: int, pool: str = "cls", dropout: float = 0.0):
+    def __init__(self, in_dim: int, num_classes: int, pool: Pooling = "cls", dropout: float = 0.0):
         super().__init__()
         if pool not in POOLING:
             raise ValueError(f"pool must be one of {POOLING}, got {pool!r}")

@@ -1,10 +1,10 @@
 """LLM blocks: transformer layers of pretrained language models as reusable encoder layers."""
 
-from ..layers.masks import ATTENTION_MODES
+from ..layers.masks import ATTENTION_MODES, AttentionMode
 from ..layers.norms import UnitRMSNorm
-from .blocks import FINAL_NORMS, ROPE_MODES, LLMBlocks
+from .blocks import FINAL_NORMS, ROPE_MODES, FinalNorm, LLMBlocks, RopeMode
 from .families import FAMILIES, FamilySpec, UnknownFamilyError, get_family, list_families
-from .load import load_blocks, resolve_layers
+from .load import DTYPES, load_blocks, resolve_layers
 from .sources import (
     MissingDependencyError,
     SourceError,
@@ -12,15 +12,20 @@ from .sources import (
     list_offline_models,
     resolve_source,
 )
-from .tuning import TUNE_KWARGS, TUNE_MODES, GatedLayer, InterpolatedLayer, lora_target_modules
+from .tuning import TUNE_KWARGS, TUNE_MODES, GatedLayer, InterpolatedLayer, TuneMode, lora_target_modules
 
 __all__ = [
     "ATTENTION_MODES",
+    "DTYPES",
     "FAMILIES",
     "FINAL_NORMS",
     "ROPE_MODES",
     "TUNE_KWARGS",
     "TUNE_MODES",
+    "AttentionMode",
+    "FinalNorm",
+    "RopeMode",
+    "TuneMode",
     "FamilySpec",
     "GatedLayer",
     "InterpolatedLayer",

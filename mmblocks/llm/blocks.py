@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -26,11 +26,13 @@ from ..params import parameter_table
 from .attention import POST_SOFTMAX_MULT_IMPL, set_causal_flags
 from .families import FamilySpec
 
-__all__ = ["LLMBlocks", "ROPE_MODES", "AXIAL_ROPES", "FINAL_NORMS", "call_layer"]
+__all__ = ["AXIAL_ROPES", "FINAL_NORMS", "ROPE_MODES", "FinalNorm", "LLMBlocks", "RopeMode", "call_layer"]
 
-ROPE_MODES: tuple[str, ...] = ("none", "native", "2d", "3d")
+RopeMode = Literal["none", "native", "2d", "3d"]
+ROPE_MODES: tuple[str, ...] = get_args(RopeMode)
 AXIAL_ROPES: dict[str, int] = {"2d": 2, "3d": 3}  # rope mode -> the width Tokens.pos must have
-FINAL_NORMS: tuple[str, ...] = ("none", "rms_unit", "llm")
+FinalNorm = Literal["none", "rms_unit", "llm"]
+FINAL_NORMS: tuple[str, ...] = get_args(FinalNorm)
 
 
 def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:

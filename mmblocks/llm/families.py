@@ -13,12 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from ..errors import MMBlocksError
+
 __all__ = ["FamilySpec", "FAMILIES", "get_family", "list_families", "UnknownFamilyError"]
 
 NormKind = Literal["rms", "rms_offset", "layer"]
 
 
-class UnknownFamilyError(ValueError):
+class UnknownFamilyError(MMBlocksError, ValueError):
     """The architecture has no `FamilySpec` entry."""
 
 

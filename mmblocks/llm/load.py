@@ -5,21 +5,25 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModel, PretrainedConfig
 
-from ..layers.masks import ATTENTION_MODES
+from ..layers.masks import ATTENTION_MODES, AttentionMode, CausalImpl
 from ..layers.norms import UnitRMSNorm, is_norm_module
-from .blocks import FINAL_NORMS, ROPE_MODES, LLMBlocks
+from .blocks import FINAL_NORMS, ROPE_MODES, FinalNorm, LLMBlocks, RopeMode
 from .families import FamilySpec, get_family
 from .sources import ResolvedSource, TensorReader, resolve_source
-from .tuning import TUNE_MODES, apply_tuning
+from .tuning import TUNE_MODES, TuneMode, apply_tuning
 
-__all__ = ["load_blocks", "resolve_layers"]
+__all__ = ["DTYPES", "DTypeName", "load_blocks", "resolve_layers"]
+
+#: dtype names a config may give (`load_blocks` also takes a `torch.dtype`).
+DTypeName = Literal["float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = get_args(DTypeName)
 
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -122,15 +126,15 @@ def load_blocks(
     source: str | os.PathLike,
     layers: int | Iterable[int] | range,
     *,
-    attention: str = "bidirectional",
-    rope: str = "none",
-    final_norm: str = "rms_unit",
-    tune: str = "frozen",
-    dtype: torch.dtype | str | None = None,
+    attention: AttentionMode = "bidirectional",
+    rope: RopeMode = "none",
+    final_norm: FinalNorm = "rms_unit",
+    tune: TuneMode = "frozen",
+    dtype: DTypeName | torch.dtype | None = None,
     attn_implementation: str | None = None,
     config_overrides: dict[str, Any] | None = None,
     seed: int | None = None,
-    causal_impl: str = "pre_softmax",
+    causal_impl: CausalImpl = "pre_softmax",
     soft_mask: Any = None,
     rope_theta: float = 10000.0,
     rope_train_grid: Sequence[int] | None = None,

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from ..errors import MMBlocksError
+
 __all__ = [
     "OfflineModel",
     "SMOLLM2_135M_SHAPE",
@@ -46,11 +48,11 @@ logger = logging.getLogger("mmblocks")
 CACHE_ENV = "MMBLOCKS_CACHE"
 
 
-class SourceError(FileNotFoundError):
+class SourceError(MMBlocksError, FileNotFoundError):
     """A `source` that cannot be resolved offline, with what was tried."""
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(MMBlocksError, ImportError):
     """An optional package a source needs is not installed."""
 
 

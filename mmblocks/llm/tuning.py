@@ -7,7 +7,7 @@ Every mode starts from a frozen stack and then opens exactly the parameters it n
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +18,15 @@ from .blocks import LLMBlocks, call_layer
 
 __all__ = [
     "TUNE_MODES",
+    "TuneMode",
     "apply_tuning",
     "GatedLayer",
     "InterpolatedLayer",
     "lora_target_modules",
 ]
 
-TUNE_MODES: tuple[str, ...] = ("frozen", "norm", "lora", "full", "random", "gated", "expand", "interpolate")
+TuneMode = Literal["frozen", "norm", "lora", "full", "random", "gated", "expand", "interpolate"]
+TUNE_MODES: tuple[str, ...] = get_args(TuneMode)
 
 # The keyword arguments each mode accepts, with their defaults.
 TUNE_KWARGS: dict[str, dict[str, Any]] = {

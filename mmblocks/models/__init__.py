@@ -1,35 +1,49 @@
-"""Backbones and encoder composition."""
-
-from .backbones import TimmViT, create_timm_vit
-from .encoder import LLMStage, MMEncoder
-from .point_transformer import PointTransformer
-
-__all__ = ["LLMStage", "MMEncoder", "PointTransformer", "TimmViT", "create_timm_vit"]
+"""Backbones (registered by name: `create_backbone`, `list_backbones`) and encoder composition (`MMEncoder`)."""
 
 from ..layers.rope import AxialRoPE, apply_rotary, axial_rope, sequence_rope
 from ..layers.soft_mask import SoftMaskSchedule, advance_soft_masks
-from .ast import AST_PRESETS, ast_backbone, ast_from_hf, timm_vit_blocks
+from .ast import AST_PRESETS, AST_TOKENIZER, ast, ast_backbone, ast_from_hf, timm_vit_blocks
+from .backbones import TimmViT, create_timm_vit, vit
+from .base import Backbone, BackboneBase, check_backbone
 from .causal_vit import CAUSAL_VIT_PRESETS, CausalViT, causal_vit
-from .videomae import VIDEOMAE_PRESETS, videomae_backbone, videomae_from_hf
+from .encoder import LLMStage, MMEncoder
+from .point_transformer import PointTransformer
+from .registry import BACKBONES, create_backbone, list_backbones, register_backbone, resolve_backbone
+from .videomae import VIDEOMAE_PRESETS, VIDEOMAE_TUBELETS, videomae, videomae_backbone, videomae_from_hf
 
-__all__ += [
+__all__ = [
     "AST_PRESETS",
-    "VIDEOMAE_PRESETS",
-    "ast_backbone",
-    "ast_from_hf",
-    "timm_vit_blocks",
-    "videomae_backbone",
-    "videomae_from_hf",
-]
-
-__all__ += [
+    "AST_TOKENIZER",
+    "BACKBONES",
     "CAUSAL_VIT_PRESETS",
+    "VIDEOMAE_PRESETS",
+    "VIDEOMAE_TUBELETS",
     "AxialRoPE",
+    "Backbone",
+    "BackboneBase",
     "CausalViT",
+    "LLMStage",
+    "MMEncoder",
+    "PointTransformer",
     "SoftMaskSchedule",
+    "TimmViT",
     "advance_soft_masks",
     "apply_rotary",
+    "ast",
+    "ast_backbone",
+    "ast_from_hf",
     "axial_rope",
     "causal_vit",
+    "check_backbone",
+    "create_backbone",
+    "create_timm_vit",
+    "list_backbones",
+    "register_backbone",
+    "resolve_backbone",
     "sequence_rope",
+    "timm_vit_blocks",
+    "videomae",
+    "videomae_backbone",
+    "videomae_from_hf",
+    "vit",
 ]

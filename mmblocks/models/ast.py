@@ -9,7 +9,8 @@ applies after the LLM stage.
 - `ast_from_hf(model)` converts a Hugging Face ``ASTModel`` / ``ASTForAudioClassification`` (or a state dict and
   its ``ASTConfig``) into ``(AudioPatches, TimmViT)``; ``MMEncoder(tok, backbone).forward_features(fbank)``
   then equals ``ASTModel(input_values).last_hidden_state``.
-- `ast_backbone(...)` builds a from-scratch AST of any width / depth / heads (`AST_PRESETS` names the usual ones).
+- `ast(...)` (the ``ast`` backbone; ``ast_tiny`` / ``ast_small`` / ``ast_base`` by name) and `ast_backbone(...)` build a
+  from-scratch AST of any width / depth / heads (`AST_PRESETS` names the usual ones).
 
 Normalisation: HF's ``ASTFeatureExtractor`` normalises the fbank *outside* the model,
 ``(fbank - mean) / (2 * std)`` with the AudioSet statistics, after zero-padding to ``max_length``. `AudioPatches`
@@ -30,7 +31,8 @@ tokens real) to get HF's unmasked output.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Literal
 
 from tokenizers_mm import AudioPatches
 
@@ -45,8 +47,9 @@ from .hf_vit import (
     model_and_config,
     strip_prefix,
 )
+from .registry import preset_sizes, register_backbone
 
-__all__ = ["AST_PRESETS", "ast_backbone", "ast_from_hf", "timm_vit_blocks"]
+__all__ = ["AST_PRESETS", "AST_TOKENIZER", "ast", "ast_backbone", "ast_from_hf", "timm_vit_blocks"]
 
 
 def timm_vit_blocks(
@@ -85,6 +88,7 @@ def timm_vit_blocks(
 # ---------------------------------------------------------------------------------------------------------- AST
 
 #: DeiT sizes, as AST is DeiT over spectrograms (AST itself is ``ast_base``).
+AstPreset = Literal["ast_tiny", "ast_small", "ast_base"]
 AST_PRESETS: dict[str, dict[str, int]] = {
     "ast_tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3},
     "ast_small": {"embed_dim": 384, "depth": 12, "num_heads": 6},
@@ -92,45 +96,35 @@ AST_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def ast_backbone(
-    preset: str | None = None,
+#: AST's input layout (Gong et al. 2021): 128 mel bins, 1024 frames (10.24 s), 16x16 patches with stride 10 x 10,
+#: a cls and a distillation token (`AudioPatches` arguments).
+AST_TOKENIZER: dict[str, Any] = {
+    "num_mel_bins": 128,
+    "target_frames": 1024,
+    "patch_size": 16,
+    "fstride": 10,
+    "tstride": 10,
+    "class_token": True,
+    "dist_token": True,
+}
+
+
+@register_backbone("ast", tokenizer="audio_patches")
+def ast(
+    preset: AstPreset | None = None,
     *,
-    embed_dim: int = 768,
-    depth: int = 12,
-    num_heads: int = 12,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
     mlp_ratio: float = 4.0,
-    num_mel_bins: int = 128,
-    target_frames: int = 1024,
-    patch_size: int = 16,
-    fstride: int = 10,
-    tstride: int = 10,
-    class_token: bool = True,
-    dist_token: bool = True,
     drop_path_rate: float = 0.0,
     norm_eps: float = 1e-6,
-    **tokenizer_kwargs: Any,
-) -> tuple[AudioPatches, TimmViT]:
-    """A from-scratch AST: ``(AudioPatches, TimmViT)``, randomly initialised (timm's ViT init).
-
-    `preset` (a key of `AST_PRESETS`) sets ``embed_dim / depth / num_heads`` (explicit values of those three are
-    then ignored; pass no preset to size it yourself). ``target_frames=1024, fstride=tstride=10`` gives AST's
-    ``12 x 101`` grid; 512 frames (ESC-50) gives ``12 x 50``. `tokenizer_kwargs` go to `AudioPatches`
-    (``normalize``, ``norm_mean``, ``norm_std``, ``sample_rate``, ``fbank_kwargs``, ...).
-    """
-    if preset is not None:
-        if preset not in AST_PRESETS:
-            raise ValueError(f"unknown AST preset {preset!r}; presets: {sorted(AST_PRESETS)}")
-        embed_dim, depth, num_heads = (AST_PRESETS[preset][k] for k in ("embed_dim", "depth", "num_heads"))
-    tokenizer = AudioPatches(
-        embed_dim=embed_dim,
-        num_mel_bins=num_mel_bins,
-        target_frames=target_frames,
-        patch_size=patch_size,
-        fstride=fstride,
-        tstride=tstride,
-        class_token=class_token,
-        dist_token=dist_token,
-        **tokenizer_kwargs,
+) -> TimmViT:
+    """AST's transformer from scratch (timm's ViT blocks and init): sizes from `preset` (a key of `AST_PRESETS`;
+    default ``ast_base``), each overridden by an explicit `embed_dim` / `depth` / `num_heads`. Its own tokenizer
+    (``make_tokenizer(**options)``) is `AudioPatches` in AST's layout (`AST_TOKENIZER`), the options overriding."""
+    embed_dim, depth, num_heads = preset_sizes(
+        AST_PRESETS, preset, "ast_base", "AST", embed_dim=embed_dim, depth=depth, num_heads=num_heads
     )
     backbone = timm_vit_blocks(
         embed_dim,
@@ -141,7 +135,43 @@ def ast_backbone(
         norm_eps=norm_eps,
         name=preset or "ast",
     )
-    return tokenizer, backbone
+    backbone.tokenizer_factory = functools.partial(AudioPatches, **{**AST_TOKENIZER, "embed_dim": embed_dim})
+    return backbone
+
+
+def ast_backbone(
+    preset: AstPreset | None = None,
+    *,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    mlp_ratio: float = 4.0,
+    drop_path_rate: float = 0.0,
+    norm_eps: float = 1e-6,
+    **tokenizer_kwargs: Any,
+) -> tuple[AudioPatches, TimmViT]:
+    """A from-scratch AST: ``(AudioPatches, TimmViT)``, randomly initialised (timm's ViT init); the `ast` backbone
+    and its own tokenizer.
+
+    `preset` (a key of `AST_PRESETS`) sets ``embed_dim / depth / num_heads`` unless given explicitly.
+    `tokenizer_kwargs` override AST's layout (`AST_TOKENIZER`): ``target_frames=1024, fstride=tstride=10`` gives AST's
+    ``12 x 101`` grid; 512 frames (ESC-50) gives ``12 x 50``; also ``normalize``, ``norm_mean``, ``norm_std``,
+    ``sample_rate``, ``fbank_kwargs``, ... (`AudioPatches`).
+    """
+    backbone = ast(
+        preset,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        drop_path_rate=drop_path_rate,
+        norm_eps=norm_eps,
+    )
+    return backbone.make_tokenizer(**tokenizer_kwargs), backbone
+
+
+for _preset in AST_PRESETS:  # ast_tiny, ast_small, ast_base
+    register_backbone(_preset, functools.partial(ast, _preset), tokenizer="audio_patches")
 
 
 def ast_from_hf(

@@ -27,21 +27,24 @@ with neither, a square grid is assumed.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from timm.layers import DropPath, RmsNorm, SwiGLU, trunc_normal_
 from torch import nn
 
 from tokenizers_mm import ImagePatches, Tokens
-from tokenizers_mm.image import CLS_POSITIONS
+from tokenizers_mm.image import CLS_POSITIONS, ClsPosition, PosEmbed
 
 from ..layers.attention import masked_attention
-from ..layers.masks import ATTENTION_MODES, CAUSAL_IMPLS, padding_bias
+from ..layers.masks import ATTENTION_MODES, CAUSAL_IMPLS, AttentionMode, CausalImpl
 from ..layers.rope import apply_rotary, axial_rope, grid_positions, sequence_rope
 from ..layers.soft_mask import SoftMaskSchedule
+from .base import BackboneBase
+from .registry import register_backbone
 
 __all__ = [
     "CAUSAL_VIT_PRESETS",
@@ -52,13 +55,15 @@ __all__ = [
     "swiglu_hidden_dim",
 ]
 
+CausalViTSize = Literal["tiny", "small", "base", "large"]
+VitRope = Literal["1d", "2d", "none"]
+VIT_ROPES: tuple[str, ...] = get_args(VitRope)
 CAUSAL_VIT_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3},
     "small": {"embed_dim": 384, "depth": 12, "num_heads": 6},
     "base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
     "large": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
 }
-VIT_ROPES = ("1d", "2d", "none")
 
 
 def swiglu_hidden_dim(dim: int, multiple_of: int = 256) -> int:
@@ -234,7 +239,8 @@ class CausalViTBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
-class CausalViT(nn.Module):
+@register_backbone("causal_vit", tokenizer="image_patches", flag="image_tokenizer", any_tokenizer=False)
+class CausalViT(BackboneBase):
     """iLLaMA's causal ViT as a backbone (``blocks``, ``norm_pre``, ``norm``, ``embed_dim``, ``make_tokenizer``).
 
     Args:
@@ -259,7 +265,7 @@ class CausalViT(nn.Module):
 
     def __init__(
         self,
-        size: str = "tiny",
+        size: CausalViTSize = "tiny",
         *,
         img_size: int | tuple[int, int] = 224,
         patch_size: int = 16,
@@ -268,14 +274,14 @@ class CausalViT(nn.Module):
         depth: int | None = None,
         num_heads: int | None = None,
         mlp_hidden_dim: int | None = None,
-        attention: str = "causal",
-        causal_impl: str = "pre_softmax",
+        attention: AttentionMode = "causal",
+        causal_impl: CausalImpl = "pre_softmax",
         soft_mask: SoftMaskSchedule | dict | float | None = None,
-        cls_position: str = "last",
-        rope: str = "1d",
+        cls_position: ClsPosition = "last",
+        rope: VitRope = "1d",
         rope_theta: float = 10000.0,
         rope_train_grid: Sequence[int] | str | None = None,
-        pos_embed: str = "learned",
+        pos_embed: PosEmbed = "learned",
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
@@ -343,7 +349,6 @@ class CausalViT(nn.Module):
             )
         if self._tokenizer is not None and self.rope_embed is not None:
             self._tokenizer.register_forward_hook(self.rope_embed.tokens_hook)
-        self.norm_pre = nn.Identity()
         dpr = [float(r) for r in torch.linspace(0, drop_path_rate, depth)]
         self.blocks = nn.ModuleList(
             CausalViTBlock(
@@ -366,12 +371,13 @@ class CausalViT(nn.Module):
         self.apply(_init_weights)
 
     # ------------------------------------------------------------------ MMEncoder interface
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
-
-    def make_tokenizer(self) -> ImagePatches:
-        """The patch embedding (``image_patches`` with this model's ``cls_position``)."""
+    def make_tokenizer(self, **kwargs: Any) -> ImagePatches:
+        """The patch embedding (``image_patches`` with this model's ``cls_position``; sized by the backbone)."""
+        if kwargs:
+            raise ValueError(
+                f"the causal ViT embeds its own patches: set their size on the backbone, not as tokenizer arguments "
+                f"{sorted(kwargs)}"
+            )
         if self._tokenizer is None:
             raise ValueError("this CausalViT was built with image_tokenizer=False: it has no patch embedding")
         return self._tokenizer
@@ -397,19 +403,6 @@ class CausalViT(nn.Module):
         return float(self.blocks[0].attn.soft_mask_ratio) if self.attention == "soft" else None
 
     # ------------------------------------------------------------------ forward
-    def forward_block(self, index: int, tokens: Tokens) -> Tokens:
-        self.prepare(tokens)
-        return tokens.with_x(self.blocks[index](tokens.x, attn_mask=padding_bias(tokens)))
-
-    def forward(self, tokens: Tokens) -> Tokens:
-        """All blocks, no final norm: ``Tokens [B, N, D] -> Tokens [B, N, D]``."""
-        self.prepare(tokens)
-        x = self.norm_pre(tokens.x)
-        attn_mask = padding_bias(tokens)
-        for blk in self.blocks:
-            x = blk(x, attn_mask=attn_mask)
-        return tokens.with_x(x)
-
     def forward_features(self, images: torch.Tensor) -> Tokens:
         """Images ``[B, C, H, W]`` -> tokenizer -> blocks -> final norm (`Tokens`)."""
         tokens = self(self.make_tokenizer()(images))
@@ -436,6 +429,17 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def causal_vit(size: str = "tiny", **kwargs: Any) -> CausalViT:
-    """The ``causal_vit`` backbone preset: `CausalViT` of `size` (``tiny``/``small``/``base``/``large``)."""
+def causal_vit(size: CausalViTSize = "tiny", **kwargs: Any) -> CausalViT:
+    """`CausalViT` of `size` (``tiny``/``small``/``base``/``large``)."""
     return CausalViT(size, **kwargs)
+
+
+assert set(CAUSAL_VIT_PRESETS) == set(get_args(CausalViTSize))
+for _size in CAUSAL_VIT_PRESETS:  # causal_vit_tiny, ...: the iLLaMA sizes by name
+    register_backbone(
+        f"causal_vit_{_size}",
+        functools.partial(CausalViT, _size),
+        tokenizer="image_patches",
+        flag="image_tokenizer",
+        any_tokenizer=False,
+    )

@@ -13,6 +13,7 @@ from tokenizers_mm import Tokens
 from ..layers.masks import padding_bias
 from ..llm import LLMBlocks
 from ..params import parameter_table
+from .base import Backbone, check_backbone
 
 __all__ = ["LLMStage", "MMEncoder"]
 
@@ -39,18 +40,14 @@ class LLMStage(nn.Module):
     def forward(self, tokens: Tokens) -> Tokens:
         return self.adapter_out(self.blocks(self.adapter_in(tokens)))
 
-    @property
-    def aux_loss(self) -> torch.Tensor | float:
-        return self.blocks.aux_loss
-
 
 class MMEncoder(nn.Module):
     """A modality encoder with LLM blocks inserted after backbone block `insert_at` (design §5).
 
     Args:
         tokenizer: raw input -> `Tokens` (e.g. `image_patches`).
-        backbone: a module with ``blocks`` (each ``[B, N, D] -> [B, N, D]``), ``norm_pre`` and ``norm`` (a
-            `TimmViT`), or None.
+        backbone: a `Backbone` (``blocks``, ``norm_pre``, ``norm``, ``prepare``, ``block_positions``: `TimmViT`,
+            `PointTransformer`, `CausalViT`, any `BackboneBase`), or None.
         llm_stage: an `LLMStage`, or None for the baseline.
         head: a head on the final `Tokens` (e.g. `ClassifierHead`), or None for features only.
         insert_at: how many backbone blocks run before the LLM stage (default: all of them — after the last
@@ -60,12 +57,14 @@ class MMEncoder(nn.Module):
     def __init__(
         self,
         tokenizer: nn.Module,
-        backbone: nn.Module | None = None,
+        backbone: Backbone | None = None,
         llm_stage: LLMStage | None = None,
         head: nn.Module | None = None,
         insert_at: int | None = None,
     ):
         super().__init__()
+        if backbone is not None:
+            check_backbone(backbone)
         depth = len(backbone.blocks) if backbone is not None else 0
         insert_at = depth if insert_at is None else insert_at
         if not 0 <= insert_at <= depth:
@@ -76,7 +75,7 @@ class MMEncoder(nn.Module):
         self.head = head
         self.insert_at = insert_at
         self.grad_checkpointing = False
-        self.frozen_stages: tuple[str, ...] = ()  # attribute names kept in eval mode (`builders.freeze_stages`)
+        self.frozen_stages: tuple[str, ...] = ()  # attribute names kept in eval mode (`freeze_stages`)
 
     def train(self, mode: bool = True) -> MMEncoder:
         """`nn.Module.train`, except that frozen stages stay in eval mode (no dropout, drop-path, BatchNorm updates)."""
@@ -140,17 +139,16 @@ class MMEncoder(nn.Module):
         self, inputs: torch.Tensor, mask: torch.Tensor | None, extra: dict[str, torch.Tensor]
     ) -> tuple[Tokens, torch.Tensor | None]:
         tokens = self.tokenize(inputs, mask, **extra)
-        if self.backbone is not None and hasattr(self.backbone, "prepare"):  # e.g. a causal ViT's 2D RoPE grid
-            self.backbone.prepare(tokens)
-        if self.backbone is not None and hasattr(self.backbone, "norm_pre"):
-            tokens = tokens.with_x(self.backbone.norm_pre(tokens.x))
-        pos = self.backbone.block_positions(tokens) if hasattr(self.backbone, "block_positions") else None
-        return tokens, pos
+        if self.backbone is None:
+            return tokens, None
+        self.backbone.prepare(tokens)  # e.g. a causal ViT's 2D RoPE grid
+        tokens = tokens.with_x(self.backbone.norm_pre(tokens.x))
+        return tokens, self.backbone.block_positions(tokens)
 
     def _final_norm(self, tokens: Tokens) -> Tokens:
-        if self.backbone is not None and hasattr(self.backbone, "norm"):
-            return tokens.with_x(self.backbone.norm(tokens.x))
-        return tokens
+        if self.backbone is None:
+            return tokens
+        return tokens.with_x(self.backbone.norm(tokens.x))
 
     # ------------------------------------------------------------------ forward
     def forward_features(self, inputs: torch.Tensor, mask: torch.Tensor | None = None, **extra: torch.Tensor) -> Tokens:
@@ -168,11 +166,18 @@ class MMEncoder(nn.Module):
         return self.head(tokens)
 
     def forward(
-        self, inputs: torch.Tensor, mask: torch.Tensor | None = None, **extra: torch.Tensor
-    ) -> torch.Tensor | Tokens:
-        """Raw input -> head output (logits), or the final `Tokens` when there is no head."""
+        self, inputs: torch.Tensor, mask: torch.Tensor | None = None, return_aux: bool = False, **extra: torch.Tensor
+    ) -> torch.Tensor | Tokens | tuple[torch.Tensor | Tokens, torch.Tensor | float]:
+        """Raw input -> head output (logits), or the final `Tokens` when there is no head.
+
+        ``return_aux=True`` returns ``(output, aux_loss)``: the auxiliary loss of this forward (the LLM stage's
+        Control LLM divergence with ``tune="interpolate"``; 0.0 otherwise), which a `mmblocks.tasks.Task` adds to its
+        loss. It goes through ``forward`` so that DDP and ``torch.compile`` wrappers pass it on."""
         tokens = self.forward_features(inputs, mask, **extra)
-        return self.head(tokens) if self.head is not None else tokens
+        out = self.head(tokens) if self.head is not None else tokens
+        if return_aux:
+            return out, self.llm_stage.blocks.aux_loss if self.llm_stage is not None else 0.0
+        return out
 
     def forward_intermediates(
         self,
@@ -204,11 +209,6 @@ class MMEncoder(nn.Module):
             if i in take:
                 out.append(self._final_norm(tokens) if norm else tokens)
         return self._final_norm(tokens), out
-
-    @property
-    def aux_loss(self) -> torch.Tensor | float:
-        """Auxiliary loss of the LLM stage (Control LLM divergence; 0 otherwise)."""
-        return self.llm_stage.aux_loss if self.llm_stage is not None else 0.0
 
     # ------------------------------------------------------------------ parameters
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -11,7 +11,8 @@ added to every key shifts all scores of a query equally, softmax ignores it, and
   ``VideoMAEForPreTraining`` (or a state dict and its ``VideoMAEConfig``) into ``(VideoTubelets, TimmViT)``;
   ``MMEncoder(tok, backbone).forward_features(frames)`` then equals ``VideoMAEModel(frames).last_hidden_state``
   (with or without the final LayerNorm, as the config says).
-- `videomae_backbone(...)` builds a from-scratch VideoMAE encoder of any size (`VIDEOMAE_PRESETS`).
+- `videomae(...)` (the ``videomae`` backbone; ``videomae_small`` ... ``videomae_huge`` by name) and
+  `videomae_backbone(...)` build a from-scratch VideoMAE encoder of any size (`VIDEOMAE_PRESETS`).
 
 Input: ``[B, T, C, H, W]`` float frames, already normalised (VideoMAE's image processor does that outside the model;
 `tokenizers_mm.normalize_frames` does it for decoded uint8 frames). HF's VideoMAE has no padding mask; a frame mask
@@ -21,7 +22,8 @@ Input: ``[B, T, C, H, W]`` float frames, already normalised (VideoMAE's image pr
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Literal
 
 from tokenizers_mm import VideoTubelets
 
@@ -36,10 +38,12 @@ from .hf_vit import (
     model_and_config,
     strip_prefix,
 )
+from .registry import preset_sizes, register_backbone
 
-__all__ = ["VIDEOMAE_PRESETS", "videomae_backbone", "videomae_from_hf"]
+__all__ = ["VIDEOMAE_PRESETS", "VIDEOMAE_TUBELETS", "videomae", "videomae_backbone", "videomae_from_hf"]
 
 #: VideoMAE's encoder sizes (ViT-S/B/L/H, tubelets 2 x 16 x 16).
+VideoMAEPreset = Literal["videomae_small", "videomae_base", "videomae_large", "videomae_huge"]
 VIDEOMAE_PRESETS: dict[str, dict[str, int]] = {
     "videomae_small": {"embed_dim": 384, "depth": 12, "num_heads": 6},
     "videomae_base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
@@ -58,45 +62,39 @@ def _single(value: Any, what: str) -> int:
     return value[0]
 
 
-def videomae_backbone(
-    preset: str | None = None,
+#: VideoMAE's input layout: 16 frames of 224 x 224, 2 x 16 x 16 tubelets, fixed sin-cos positions, no cls token
+#: (`VideoTubelets` arguments).
+VIDEOMAE_TUBELETS: dict[str, Any] = {
+    "img_size": 224,
+    "num_frames": 16,
+    "patch_size": 16,
+    "tubelet_size": 2,
+    "in_chans": 3,
+    "pos_embed": "sincos",
+    "class_token": False,
+}
+
+
+@register_backbone("videomae", tokenizer="video_tubelets")
+def videomae(
+    preset: VideoMAEPreset | None = None,
     *,
-    embed_dim: int = 768,
-    depth: int = 12,
-    num_heads: int = 12,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
     mlp_ratio: float = 4.0,
-    img_size: int | tuple[int, int] = 224,
-    num_frames: int = 16,
-    patch_size: int = 16,
-    tubelet_size: int = 2,
-    in_chans: int = 3,
-    pos_embed: str = "sincos",
-    class_token: bool = False,
     qkv_bias: bool = True,
     final_norm: bool = True,
     drop_path_rate: float = 0.0,
     norm_eps: float = 1e-6,
-) -> tuple[VideoTubelets, TimmViT]:
-    """A from-scratch VideoMAE encoder: ``(VideoTubelets, TimmViT)``, randomly initialised (timm's ViT init).
-
-    `preset` (a key of `VIDEOMAE_PRESETS`) sets ``embed_dim / depth / num_heads`` (the explicit values are then
-    ignored). ``final_norm=True`` keeps a LayerNorm after the blocks (the center paper's place for the LLM stage is
-    before it); False is VideoMAE's mean-pooling layout. ``pos_embed``: ``sincos`` (VideoMAE's fixed table),
-    ``learned`` or ``none`` (see `VideoTubelets`).
-    """
-    if preset is not None:
-        if preset not in VIDEOMAE_PRESETS:
-            raise ValueError(f"unknown VideoMAE preset {preset!r}; presets: {sorted(VIDEOMAE_PRESETS)}")
-        embed_dim, depth, num_heads = (VIDEOMAE_PRESETS[preset][k] for k in ("embed_dim", "depth", "num_heads"))
-    tokenizer = VideoTubelets(
-        img_size=img_size,
-        num_frames=num_frames,
-        patch_size=patch_size,
-        tubelet_size=tubelet_size,
-        in_chans=in_chans,
-        embed_dim=embed_dim,
-        pos_embed=pos_embed,
-        class_token=class_token,
+) -> TimmViT:
+    """VideoMAE's encoder from scratch (timm's ViT blocks and init): sizes from `preset` (a key of
+    `VIDEOMAE_PRESETS`; default ``videomae_base``), each overridden by an explicit value. ``final_norm=True`` keeps
+    a LayerNorm after the blocks (the center paper's place for the LLM stage is before it); False is VideoMAE's
+    mean-pooling layout. Its own tokenizer (``make_tokenizer(**options)``) is `VideoTubelets` in VideoMAE's layout
+    (`VIDEOMAE_TUBELETS`; ``pos_embed``: ``sincos``, ``learned`` or ``none``), the options overriding."""
+    embed_dim, depth, num_heads = preset_sizes(
+        VIDEOMAE_PRESETS, preset, "videomae_base", "VideoMAE", embed_dim=embed_dim, depth=depth, num_heads=num_heads
     )
     backbone = timm_vit_blocks(
         embed_dim,
@@ -109,7 +107,43 @@ def videomae_backbone(
         final_norm=final_norm,
         name=preset or "videomae",
     )
-    return tokenizer, backbone
+    backbone.tokenizer_factory = functools.partial(VideoTubelets, **{**VIDEOMAE_TUBELETS, "embed_dim": embed_dim})
+    return backbone
+
+
+def videomae_backbone(
+    preset: VideoMAEPreset | None = None,
+    *,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    mlp_ratio: float = 4.0,
+    qkv_bias: bool = True,
+    final_norm: bool = True,
+    drop_path_rate: float = 0.0,
+    norm_eps: float = 1e-6,
+    **tokenizer_kwargs: Any,
+) -> tuple[VideoTubelets, TimmViT]:
+    """A from-scratch VideoMAE encoder: ``(VideoTubelets, TimmViT)``, randomly initialised (timm's ViT init); the
+    `videomae` backbone and its own tokenizer, `tokenizer_kwargs` overriding VideoMAE's layout (`VIDEOMAE_TUBELETS`:
+    ``img_size``, ``num_frames``, ``patch_size``, ``tubelet_size``, ``in_chans``, ``pos_embed``, ``class_token``).
+    """
+    backbone = videomae(
+        preset,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        qkv_bias=qkv_bias,
+        final_norm=final_norm,
+        drop_path_rate=drop_path_rate,
+        norm_eps=norm_eps,
+    )
+    return backbone.make_tokenizer(**tokenizer_kwargs), backbone
+
+
+for _preset in VIDEOMAE_PRESETS:  # videomae_small, ..., videomae_huge
+    register_backbone(_preset, functools.partial(videomae, _preset), tokenizer="video_tubelets")
 
 
 def videomae_from_hf(model: Any, config: Any = None) -> tuple[VideoTubelets, TimmViT]:

@@ -33,7 +33,7 @@ import tempfile
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,9 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
+
+from ..errors import MMBlocksError
 
 __all__ = [
     "CHECKPOINT_FILES",
@@ -50,12 +52,16 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "WeightsMismatchError",
     "capture_rng",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_trainable_weights",
     "restore_rng",
     "save_checkpoint",
+    "trainable_state_dict",
+    "weights_file",
 ]
 
 FORMAT_NAME = "mmblocks-checkpoint"
@@ -73,12 +79,16 @@ _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MMBlocksError, RuntimeError):
     """A checkpoint file is corrupt, truncated, unsafe to unpickle, or from an unknown format."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A checkpoint folder or one of its files does not exist."""
+
+
+class WeightsMismatchError(CheckpointError, ValueError):
+    """Checkpoint weights that do not fit the model they are loaded into (a missing or unknown name, another shape)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -563,3 +573,89 @@ def load_checkpoint(
         "extra": state.get("extra") or {},
         "path": folder,
     }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model weights
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return {n: t for n, t in model.state_dict(keep_vars=True).items() if n not in params}
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """What training changes, by name: the trainable parameters and the persistent buffers (BatchNorm running
+    statistics of a point tokenizer, a soft mask's ratio, ...). Frozen LLM weights are rebuilt from their source,
+    never saved."""
+    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.detach() for n, b in _persistent_buffers(model).items()})
+    return state
+
+
+def weights_file(path: str | os.PathLike) -> Path:
+    """The ``model.safetensors`` of a checkpoint: `path` itself (a file), a folder holding one (a ``step-*``
+    folder), or the latest checkpoint of a checkpoints folder."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if (path / MODEL_FILE).is_file():
+        return path / MODEL_FILE
+    folder = latest_checkpoint(path) if path.is_dir() else None
+    if folder is None:
+        what = "holds no complete checkpoint" if path.is_dir() else "does not exist"
+        raise CheckpointNotFoundError(f"checkpoint weights not found: {path} {what}")
+    return folder / MODEL_FILE
+
+
+def load_trainable_weights(model: nn.Module, path: str | os.PathLike, stages: Sequence[str] | None = None) -> list[str]:
+    """Copy the weights of an mmblocks checkpoint (`weights_file`: a ``step-*`` folder, a checkpoints folder or a
+    ``model.safetensors``) into `model`; returns the names loaded. The one place checkpoint weights are loaded.
+
+    Args:
+        stages: None (resume, evaluation): the checkpoint and the model must agree exactly on what training
+            changes: every tensor stored must exist in the model with the same shape, and every trainable parameter
+            and persistent buffer of the model must be stored. Names of top-level submodules (e.g. ``tokenizer``,
+            ``backbone``): only the tensors under them are read (a trained tower under a new head), each stage must
+            get at least one, and shapes must agree.
+
+    Raises:
+        CheckpointNotFoundError: no weights at `path`.
+        CheckpointError: a corrupt file.
+        WeightsMismatchError: the weights do not fit the model (the message names a tensor and both shapes).
+    """
+    file = weights_file(path)
+    try:
+        stored = load_file(str(file))
+    except SafetensorError as e:
+        raise CheckpointError(f"cannot read {file}: corrupt safetensors file ({e})") from e
+    own = {**dict(model.named_parameters()), **_persistent_buffers(model)}
+    if stages is None:
+        names = list(stored)
+        unknown = [n for n in names if n not in own]
+        if unknown:
+            raise WeightsMismatchError(
+                f"{file} has weights for {unknown[0]!r} (and {len(unknown) - 1} more), which this model does not "
+                "have: build the model with the configuration that trained the checkpoint"
+            )
+        missing = sorted(set(trainable_state_dict(model)) - set(stored))
+        if missing:
+            raise WeightsMismatchError(f"{file} lacks trainable weights of this model, e.g. {missing[:3]}")
+    else:
+        prefixes = tuple(f"{s}." for s in stages)
+        names = [n for n in stored if n.startswith(prefixes) and n in own]
+    for name in names:
+        if own[name].shape != stored[name].shape:
+            raise WeightsMismatchError(
+                f"{file}: {name} has shape {tuple(stored[name].shape)}, the model {tuple(own[name].shape)} (build the "
+                "model with the configuration that trained the checkpoint)"
+            )
+    with torch.no_grad():
+        for name in names:
+            own[name].copy_(stored[name].to(own[name].device))
+    for stage in stages or ():
+        prefix = f"{stage}."
+        if not any(n.startswith(prefix) for n in names) and any(n.startswith(prefix) for n in own):
+            raise WeightsMismatchError(f"{file} holds no weights for stage {stage!r} of this model")
+    return names

@@ -308,7 +308,9 @@ def compare_runs_table(
     return "\n".join(lines) + "\n"
 
 
-def _markdown(report: dict[str, Any], metrics_file: Path | None, plots: list[Path]) -> str:
+def _markdown(
+    report: dict[str, Any], metrics_file: Path | None, plots: list[Path], sections: Sequence[tuple[str, str]] = ()
+) -> str:
     lines = [f"# {report['title']}", ""]
     source = f"`{metrics_file.name}` ({report['num_records']} records)" if metrics_file else "no metrics file"
     lines += [f"Generated {report['created']} from {source}.", ""]
@@ -358,6 +360,8 @@ def _markdown(report: dict[str, Any], metrics_file: Path | None, plots: list[Pat
         for p in plots:
             label = titles.get(p.stem, p.stem)
             lines += [f"### {label}", "", f"[![{label}]({p.name})]({p.name})", ""]
+    for title, body in sections:
+        lines += [f"## {title}", "", body.rstrip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -368,6 +372,7 @@ def write_report(
     metrics_path: str | os.PathLike | None = None,
     title: str | None = None,
     modes: Mapping[str, str | None] | None = None,
+    sections: Sequence[tuple[str, str]] = (),
 ) -> Path:
     """Write ``run_dir/report/`` (report.json, report.md, PNG curves) and return that folder.
 
@@ -379,6 +384,7 @@ def write_report(
             (no metrics tables or curves otherwise). An explicit path that does not exist is an error.
         title: the markdown title (default: the run folder's name).
         modes: per-metric ``"min"``/``"max"``/``None`` overriding the name-based choice of "best".
+        sections: extra ``(title, markdown)`` sections for report.md (a task's confusion matrix, ...), in order.
     """
     run_dir = Path(run_dir)
     out_dir = run_dir / REPORT_DIR
@@ -413,5 +419,5 @@ def write_report(
     }
     report = _json_safe(report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    (out_dir / "report.md").write_text(_markdown(report, metrics_file, plots), encoding="utf-8")
+    (out_dir / "report.md").write_text(_markdown(report, metrics_file, plots, sections), encoding="utf-8")
     return out_dir

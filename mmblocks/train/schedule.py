@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -16,12 +17,14 @@ from torch.optim.lr_scheduler import LambdaLR
 __all__ = [
     "NO_DECAY_NAME_PATTERNS",
     "SCHEDULES",
+    "Schedule",
     "WarmupDecay",
     "build_scheduler",
     "param_groups",
 ]
 
-SCHEDULES = ("cosine", "linear", "constant")
+Schedule = Literal["cosine", "linear", "constant"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 #: Parameters whose (lower-cased) name contains one of these get no weight decay.
 NO_DECAY_NAME_PATTERNS = ("pos_embed", "cls_token", "reg_token", "register", "position")

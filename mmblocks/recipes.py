@@ -1,0 +1,195 @@
+"""Config-driven entry points: a config -> built objects (task, encoder, loaders) -> `mmblocks.train.Trainer`.
+
+This is what ``mmblocks train | eval`` run, and the one module that joins the config system to the training library::
+
+    from mmblocks.recipes import build_trainer, train
+    summary = train("configs/image/digits_vit_tiny_smollm2.yaml", ["train.epochs=5"])
+    trainer = build_trainer("configs/image/digits_vit_tiny.yaml", resume=True)   # to inspect before .fit()
+
+The config is validated once (`load_config`), the process group joined, everything seeded by ``train.seed``, the
+offline dataset made when ``data.dataset`` names one and its shards are missing, then the task, the encoder (with the
+task's head) and the loaders (requiring the fields the task needs) are built and handed to the `Trainer`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .builders import build_encoder, build_task
+from .config import Config, ConfigError, dump_config, load_config
+from .data import build_loader, make_dataset
+from .errors import DataError
+from .tasks import Task
+from .train import Callback, DistInfo, Trainer, TrainSettings, evaluate, init_distributed, seed_everything
+from .train.checkpoint import load_trainable_weights
+from .train.distributed import barrier
+from .train.trainer import amp_dtype
+
+__all__ = [
+    "build_loaders",
+    "build_trainer",
+    "ensure_dataset",
+    "evaluate_checkpoint",
+    "loader_options",
+    "make_loader",
+    "prepare",
+    "run_info",
+    "train",
+]
+
+ConfigLike = str | os.PathLike | Mapping[str, Any]
+
+#: ``data`` keys that are not `build_loader` arguments (the rest are passed to it under their own names).
+_RECIPE_DATA_KEYS = ("dataset", "root", "train_split", "val_split", "test_split", "eval_batch_size", "augment_policy")
+
+
+def ensure_dataset(data_cfg: Mapping[str, Any], dist_info: DistInfo) -> None:
+    """Make the offline dataset into ``data.root`` when it is named and missing (rank 0 writes, others wait)."""
+    root = Path(data_cfg["root"])
+    if (root / "index.json").is_file():
+        return
+    name = data_cfg["dataset"]
+    if name is None:
+        raise DataError(
+            f"no shards at {root} (index.json missing): write some with `mmblocks shards write ...` or set "
+            "data.dataset to an offline dataset (`mmblocks shards make --help` lists them)"
+        )
+    if dist_info.is_main:
+        make_dataset(name, root)
+    barrier()
+
+
+def loader_options(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``data`` keys that `build_loader` takes, under its own argument names."""
+    params = inspect.signature(build_loader).parameters
+    return {k: v for k, v in data_cfg.items() if k in params and k not in _RECIPE_DATA_KEYS}
+
+
+def make_loader(cfg: Config, split: str, *, train: bool, task: Task, dist_info: DistInfo) -> Any:
+    """The loader of `split` for this rank: the ``data`` options, training or evaluation behaviour (augmentation,
+    shuffling, resampling only when training), and the fields the task needs required in every sample."""
+    d = cfg["data"]
+    augment: Any = d["augment"] and train
+    if augment and d["augment_policy"] is not None:
+        augment = d["augment_policy"]
+    return build_loader(
+        d["root"],
+        split,
+        **{
+            **loader_options(d),
+            "batch_size": d["batch_size"] if train else (d["eval_batch_size"] or d["batch_size"]),
+            "augment": augment,
+            "shuffle": train,
+            "resampled": d["resampled"] and train,
+            "seed": cfg["train"]["seed"],
+            "rank": dist_info.rank,
+            "world_size": dist_info.world_size,
+            "drop_last": False,
+            "fields": task.fields,
+        },
+    )
+
+
+def build_loaders(cfg: Config, task: Task, dist_info: DistInfo) -> dict[str, Any]:
+    """``{"train": ..., "val": ..., "test": ...}`` loaders of this rank (val / test only when their split is set)."""
+    d = cfg["data"]
+    return {
+        role: make_loader(cfg, d[f"{role}_split"], train=role == "train", task=task, dist_info=dist_info)
+        for role in ("train", "val", "test")
+        if d[f"{role}_split"] is not None
+    }
+
+
+def run_info(cfg: Config) -> dict[str, Any]:
+    """What a run's summary says about its components."""
+    m = cfg["model"]
+    llm = m["llm"]
+    return {
+        "name": cfg["name"],
+        "tokenizer": m["tokenizer"]["name"] or f"{m['backbone']['name']}'s own",
+        "backbone": m["backbone"]["name"],
+        "llm": f"{llm['source']} layers {llm['layers']} tune={llm['tune']}" if llm["enabled"] else "none",
+    }
+
+
+def prepare(config: ConfigLike, overrides: Sequence[str] = ()) -> tuple[Config, DistInfo, Task]:
+    """Validate the config, join the process group, seed, make the dataset if needed and build the task:
+    ``(cfg, dist, task)``. Random-init LLM blocks get ``train.seed`` unless ``model.llm.seed`` is set (a resumed
+    run rebuilds them identically)."""
+    cfg = load_config(config, overrides)
+    t = cfg["train"]
+    dist = init_distributed(t["device"])
+    seed_everything(t["seed"])
+    ensure_dataset(cfg["data"], dist)
+    if cfg["model"]["llm"]["seed"] is None:
+        cfg["model"]["llm"]["seed"] = t["seed"]
+    task = build_task(cfg)
+    if task is None:
+        raise ConfigError(
+            f"task {cfg['task']['name']!r} needs the number of classes: set model.num_classes or write shards whose "
+            "index.json lists class names"
+        )
+    return cfg, dist, task
+
+
+def build_trainer(
+    config: ConfigLike,
+    overrides: Sequence[str] = (),
+    *,
+    resume: bool = False,
+    callbacks: Sequence[Callback | Any] = (),
+) -> Trainer:
+    """A `Trainer` for `config` (a YAML path or a dict) with ``key=value`` `overrides` (`prepare`, then the encoder
+    with the task's head, the loaders and the ``train`` settings). ``resume``: continue from the latest checkpoint
+    in ``train.out_dir``; ``callbacks``: as `Trainer`."""
+    cfg, dist, task = prepare(config, overrides)
+    model = build_encoder(cfg, task=task, verbose=dist.is_main)
+    loaders = build_loaders(cfg, task, dist)
+    return Trainer(
+        model,
+        task,
+        loaders["train"],
+        val_loader=loaders.get("val"),
+        test_loader=loaders.get("test"),
+        settings=TrainSettings(**cfg["train"]),
+        callbacks=callbacks,
+        resume=resume,
+        dist=dist,
+        run_info=run_info(cfg),
+        files={"config.yaml": dump_config(cfg)},
+    )
+
+
+def train(config: ConfigLike, overrides: Sequence[str] = (), resume: bool = False) -> dict[str, Any]:
+    """``mmblocks train CONFIG [overrides] [--resume]`` as a function: returns the run's summary."""
+    return build_trainer(config, overrides, resume=resume).fit()
+
+
+def evaluate_checkpoint(
+    config: ConfigLike,
+    checkpoint: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    splits: Sequence[str] = (),
+) -> dict[str, dict[str, float]]:
+    """``mmblocks eval CONFIG --checkpoint CKPT``: the encoder of `config` with the trained weights of `checkpoint`
+    (a ``step-*`` folder, a checkpoints folder (its latest) or a ``model.safetensors``), evaluated on `splits`
+    (default: the config's val and test splits); ``{split: metrics}``. Only the weights are read."""
+    cfg, dist, task = prepare(config, overrides)
+    model = build_encoder(cfg, task=task, verbose=False).to(dist.device)
+    load_trainable_weights(model, checkpoint)
+    d = cfg["data"]
+    names = tuple(splits) or tuple(s for s in (d["val_split"], d["test_split"]) if s)
+    results = {}
+    for split in names:
+        loader = make_loader(cfg, split, train=False, task=task, dist_info=dist)
+        try:
+            results[split], _ = evaluate(
+                model, task, loader, device=dist.device, autocast_dtype=amp_dtype(cfg["train"]["amp"], dist.device)
+            )
+        finally:
+            loader.close()
+    return results

@@ -1,0 +1,17 @@
+"""Tasks: what is learned from a batch (the fields it needs, its head, loss and metrics), registered by name."""
+
+from .base import Metrics, StepOutput, Task
+from .classification import ClassificationMetrics, ClassificationTask
+from .registry import TASKS, create_task, list_tasks, register_task
+
+__all__ = [
+    "TASKS",
+    "ClassificationMetrics",
+    "ClassificationTask",
+    "Metrics",
+    "StepOutput",
+    "Task",
+    "create_task",
+    "list_tasks",
+    "register_task",
+]
