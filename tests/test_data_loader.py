@@ -405,3 +405,35 @@ def test_argument_errors(tmp_path):
         build_loader(tmp_path, epoch_samples=10, **LOAD)
     with pytest.raises(FileNotFoundError, match=r"no index\.json"):
         build_loader(Path(tmp_path / "nothing").mkdir() or tmp_path / "nothing", **LOAD)
+
+
+# ------------------------------------------------------------------------------------------------------- fields
+
+
+def test_fields_are_decoded_and_required_ones_name_the_shard(tmp_path):
+    write_tiny(tmp_path / "labelled", 8, 2)
+    batch = next(iter(build_loader(tmp_path / "labelled", num_workers=0, shuffle=False, **LOAD)))
+    assert batch.label.tolist() == [0, 1, 2, 0] and batch.field("cls") is batch.label
+    assert batch.fields["txt"] == [f"caption {i}" for i in range(4)] and batch.fields["json"][1] == {"i": 1}
+
+    # captions without labels (webdataset's own writer, no index.json): no label; `txt` required when asked for
+    (tmp_path / "captions").mkdir()
+    url = str(tmp_path / "captions" / "train-000000.tar")
+    with wds.TarWriter(url) as sink:
+        for i in range(5):
+            sink.write({"__key__": f"b{i}", "png": png_bytes(i), "txt": f"a photo {i}"})
+        sink.write({"__key__": "nocap", "png": png_bytes(9)})
+    kw = dict(num_workers=0, shuffle=False, batch_size=3, image_size=8, augment="none")
+    first, second = list(build_loader(tmp_path / "captions", **kw))
+    assert first.label is None and first.fields["txt"] == ["a photo 0", "a photo 1", "a photo 2"]
+    assert "txt" not in second.fields, "a field only some samples of a batch carry is left out of that batch"
+    with pytest.raises(MissingKeyError, match="no field 'txt'"):
+        second.field("txt")
+    with pytest.raises(MissingKeyError) as info:
+        list(build_loader(tmp_path / "captions", fields=("txt",), **kw))
+    message = str(info.value)
+    assert "missing key 'txt' in sample 'nocap'" in message and url in message and "caption or transcript" in message
+    with pytest.raises(ValueError, match=r"fields \['caption'\] are not sample fields"):
+        build_loader(tmp_path / "captions", fields=("caption",), **kw)
+    labelled_without_cls = build_loader(tmp_path / "labelled", fields=("txt",), num_workers=0, **LOAD)
+    assert sum(len(b.key) for b in labelled_without_cls) == 8, "a task that needs only txt reads labelled shards"

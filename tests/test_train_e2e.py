@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmblocks.cli import main as cli_main
-from mmblocks.recipes import build_trainer
+from mmblocks.recipes import build_trainer, evaluate_checkpoint
 from mmblocks.train import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,6 +143,11 @@ def test_eval_cli_reads_the_checkpoint(tmp_path, digits_root, capsys):
     assert results["test"]["samples"] == 270 and 0.0 <= results["test"]["acc"] <= 1.0
     final = json.loads((run / "summary.json").read_text())["test"]
     assert results["test"]["acc"] == pytest.approx(final["acc"]), "the checkpoint reproduces the run's own test"
+    step = latest_checkpoint(run / "checkpoints")
+    for name in ("optimizer.pt", "scheduler.pt", "rng.pt", "state.json"):
+        (step / name).unlink()  # evaluation reads the weights only
+    again = evaluate_checkpoint("configs/image/digits_vit_tiny.yaml", step, overrides, splits=("test",))
+    assert again["test"]["acc"] == pytest.approx(final["acc"]) and set(again) == {"test"}
 
 
 def test_ddp_two_cpu_processes(tmp_path, digits_root):
@@ -170,6 +175,8 @@ def test_ddp_two_cpu_processes(tmp_path, digits_root):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert summary["test"]["samples"] == 270, "every test sample counted exactly once over the two ranks"
+    confusion = json.loads((run / "report" / "confusion_test.json").read_text())["confusion"]
+    assert sum(map(sum, confusion)) == 270, "the confusion matrix is summed over the ranks too"
     assert latest_checkpoint(run / "checkpoints").name == "step-00000004"
 
 

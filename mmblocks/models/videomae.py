@@ -91,8 +91,9 @@ def videomae(
     """VideoMAE's encoder from scratch (timm's ViT blocks and init): sizes from `preset` (a key of
     `VIDEOMAE_PRESETS`; default ``videomae_base``), each overridden by an explicit value. ``final_norm=True`` keeps
     a LayerNorm after the blocks (the center paper's place for the LLM stage is before it); False is VideoMAE's
-    mean-pooling layout. Its own tokenizer (``make_tokenizer(**options)``) is `VideoTubelets` in VideoMAE's layout
-    (`VIDEOMAE_TUBELETS`; ``pos_embed``: ``sincos``, ``learned`` or ``none``), the options overriding."""
+    mean-pooling layout. A head reads out the mean of the tokens by default (``readout = "mean"``). Its own
+    tokenizer (``make_tokenizer(**options)``) is `VideoTubelets` in VideoMAE's layout (`VIDEOMAE_TUBELETS`;
+    ``pos_embed``: ``sincos``, ``learned`` or ``none``), the options overriding."""
     embed_dim, depth, num_heads = preset_sizes(
         VIDEOMAE_PRESETS, preset, "videomae_base", "VideoMAE", embed_dim=embed_dim, depth=depth, num_heads=num_heads
     )
@@ -108,6 +109,7 @@ def videomae(
         name=preset or "videomae",
     )
     backbone.tokenizer_factory = functools.partial(VideoTubelets, **{**VIDEOMAE_TUBELETS, "embed_dim": embed_dim})
+    backbone.readout = "mean"  # VideoMAE reads out the mean of its tokens (no cls token)
     return backbone
 
 

@@ -1,0 +1,39 @@
+"""The command line: user-facing errors (`mmblocks.errors.USER_ERRORS`) print one line and exit 2; a programming error
+keeps its traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+import mmblocks.recipes
+from mmblocks.cli import main
+from mmblocks.errors import USER_ERRORS, DataError, MMBlocksError
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    argv = ["train", "configs/image/digits_vit_tiny.yaml", f"data.root={tmp_path / 'none'}", "data.dataset=null"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmblocks: error: no shards at") and err.count("\n") == 1
+    assert main(["train", "configs/image/digits_vit_tiny.yaml", "model.backbone.name=vit_tiny_patch16"]) == 2
+    assert "model.backbone.name: unknown backbone 'vit_tiny_patch16'" in capsys.readouterr().err
+
+    def bug(*args, **kwargs):
+        raise KeyError("an internal bug")
+
+    monkeypatch.setattr(mmblocks.recipes, "train", bug)
+    with pytest.raises(KeyError, match="an internal bug"):
+        main(["train", "configs/image/digits_vit_tiny.yaml"])
+
+
+def test_the_error_classes_are_user_errors():
+    from mmblocks.config import ConfigError
+    from mmblocks.data import MissingKeyError, ShardIndexError, ShardWriteError
+    from mmblocks.data.video_io import VideoDecodeError
+    from mmblocks.llm import SourceError, UnknownFamilyError
+    from mmblocks.train.checkpoint import CheckpointError
+
+    for cls in (ConfigError, DataError, MissingKeyError, ShardIndexError, ShardWriteError, VideoDecodeError,
+                SourceError, UnknownFamilyError, CheckpointError):  # fmt: skip
+        assert issubclass(cls, MMBlocksError) and issubclass(cls, USER_ERRORS), cls
+    assert issubclass(ConfigError, ValueError) and issubclass(DataError, FileNotFoundError)
