@@ -73,7 +73,7 @@ class ClassificationMetrics(Metrics):
             "acc": top1 / n,
             "acc5": topk / n,
             "mean_per_class_recall": float(present.mean()),
-            "samples": n,
+            "samples": int(n),
         }
 
     def report(self, out_dir: Path, split: str) -> list[tuple[str, str]]:
