@@ -1,6 +1,6 @@
 """Shared building blocks that `mmblocks.llm` and `mmblocks.models` both use (timm's `layers/`, torchtune's
 `modules/`): attention masks and modes, masked attention, rotary variants, soft-mask schedules, norms and the timm
-ViT block stack. Nothing here imports another `mmblocks` package except `mmblocks.errors`."""
+ViT block stack. Nothing here imports the rest of `mmblocks` (`tests/test_import_floors.py`)."""
 
 from .attention import masked_attention
 from .masks import (

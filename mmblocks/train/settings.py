@@ -48,7 +48,10 @@ class TrainSettings:
     schedule: Schedule = field(default="cosine", metadata=_doc("decay after warm-up"))
     grad_clip: float | None = field(default=1.0, metadata=_doc("clip the gradient norm to this (null: no clipping)"))
     accum_steps: int = field(default=1, metadata=_doc("micro-batches per optimizer step"))
-    seed: int = field(default=0, metadata=_doc("seeds python, numpy, torch and the loaders"))
+    seed: int = field(
+        default=0,
+        metadata=_doc("seeds python, numpy and torch before the model is built, and the loaders (mmblocks.recipes)"),
+    )
     device: Device = field(default="auto", metadata=_doc("auto: CUDA when available"))
     amp: AmpMode = field(default="auto", metadata=_doc("autocast dtype (auto: bf16 on CUDA, none on CPU)"))
     compile: bool = field(default=False, metadata=_doc("torch.compile the model"))
