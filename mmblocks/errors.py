@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from tokenizers_mm.registry import RegistryError
 
-__all__ = ["USER_ERRORS", "DataError", "MMBlocksError"]
+__all__ = ["USER_ERRORS", "DataError", "MMBlocksError", "MissingShardsError"]
 
 
 class MMBlocksError(Exception):
     """Base class of the package's user-facing errors: the message says what was expected and what came."""
 
 
-class DataError(MMBlocksError, FileNotFoundError):
-    """Shards that are missing or that cannot feed the run (no samples, fewer samples than one batch, ...)."""
+class DataError(MMBlocksError, RuntimeError):
+    """Shards that cannot feed the run (a split with no samples, fewer samples than one batch, ...)."""
+
+
+class MissingShardsError(DataError, FileNotFoundError):
+    """No shards (no ``index.json``) where the config says they are, and no offline dataset named to make them."""
 
 
 #: What `mmblocks` (the CLI) reports in one line: ours, and an unknown registry name or argument.

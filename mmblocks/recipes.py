@@ -22,7 +22,7 @@ from typing import Any
 from .builders import build_encoder, build_task
 from .config import Config, ConfigError, dump_config, load_config
 from .data import build_loader, make_dataset
-from .errors import DataError
+from .errors import MissingShardsError
 from .tasks import Task
 from .train import Callback, DistInfo, Trainer, TrainSettings, evaluate, init_distributed, seed_everything
 from .train.checkpoint import load_trainable_weights
@@ -54,7 +54,7 @@ def ensure_dataset(data_cfg: Mapping[str, Any], dist_info: DistInfo) -> None:
         return
     name = data_cfg["dataset"]
     if name is None:
-        raise DataError(
+        raise MissingShardsError(
             f"no shards at {root} (index.json missing): write some with `mmblocks shards write ...` or set "
             "data.dataset to an offline dataset (`mmblocks shards make --help` lists them)"
         )

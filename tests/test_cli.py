@@ -7,7 +7,7 @@ import pytest
 
 import mmblocks.recipes
 from mmblocks.cli import main
-from mmblocks.errors import USER_ERRORS, DataError, MMBlocksError
+from mmblocks.errors import USER_ERRORS, DataError, MissingShardsError, MMBlocksError
 
 
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
@@ -36,4 +36,5 @@ def test_the_error_classes_are_user_errors():
     for cls in (ConfigError, DataError, MissingKeyError, ShardIndexError, ShardWriteError, VideoDecodeError,
                 SourceError, UnknownFamilyError, CheckpointError):  # fmt: skip
         assert issubclass(cls, MMBlocksError) and issubclass(cls, USER_ERRORS), cls
-    assert issubclass(ConfigError, ValueError) and issubclass(DataError, FileNotFoundError)
+    assert issubclass(ConfigError, ValueError) and issubclass(DataError, RuntimeError)
+    assert issubclass(MissingShardsError, DataError) and issubclass(MissingShardsError, FileNotFoundError)

@@ -123,10 +123,11 @@ def test_renamed_keys_load_with_a_warning_naming_the_new_key(tmp_path):
         assert load_config(dumped) == cfg
     assert not [w for w in clean if issubclass(w.category, ConfigDeprecationWarning)], "a saved config is current"
 
-    with pytest.warns(ConfigDeprecationWarning, match="image_patches with kwargs {cls_position: last}"):
+    with pytest.warns(ConfigDeprecationWarning) as caught:
         causal = load_config(
             {"model": {"backbone": {"type": "causal_vit"}, "tokenizer": {"name": "image_patches_cls_last"}}}
         )
+    assert "image_patches with kwargs {cls_position: last}" in str(caught[-1].message)
     assert causal["model"]["tokenizer"]["name"] is None and causal["model"]["backbone"]["name"] == "causal_vit"
     with pytest.warns(ConfigDeprecationWarning):
         vit = load_config({"model": {"tokenizer": {"name": "image_patches_cls_last"}}})
@@ -149,3 +150,70 @@ def test_choice_lists_come_from_the_code():
         parser.parse_args(["blocks", "show", "x", "--tune", "freeze"])
     with pytest.raises(ConfigError, match=re.escape(f"is not one of {list(POOLING)}")):
         load_config({"model": {"head": {"pool": "avg"}}})
+
+
+#: What runs saved by the old flat backbone schema hold in config.yaml (every backbone's keys, type beside name).
+_OLD_FLAT = {"size": "tiny", "attention": "causal", "causal_impl": "pre_softmax", "soft_mask": None,
+             "cls_position": "last", "rope": "1d", "rope_theta": 10000.0, "rope_train_grid": None,
+             "name": "vit_tiny_patch16_224", "img_size": None, "patch_size": None, "embed_dim": None, "depth": None,
+             "num_heads": None, "mlp_ratio": None, "drop_path_rate": 0.0, "reg_tokens": 0, "class_token": True,
+             "no_embed_class": False, "checkpoint_path": None}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "inputs"),
+    [
+        (
+            {"type": "vit", "img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2},
+            {"name": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1,
+             "num_heads": 2},
+            torch.randn(2, 3, 16, 16),
+        ),
+        (
+            {"type": "causal_vit", "img_size": 16, "patch_size": 4, "depth": 1},
+            {"name": "causal_vit", "img_size": 16, "patch_size": 4, "depth": 1},
+            torch.randn(2, 3, 16, 16),
+        ),
+        (
+            {"type": "point_transformer", "embed_dim": 32, "depth": 1, "num_heads": 2},
+            {"name": "point_transformer", "embed_dim": 32, "depth": 1, "num_heads": 2, "drop_path_rate": 0.0},
+            torch.randn(2, 64, 3),
+        ),
+    ],
+    ids=["vit", "causal_vit", "point_transformer"],
+)  # fmt: skip
+def test_a_config_saved_by_the_old_schema_builds_the_same_encoder(old, new, inputs):
+    saved = {"model": {"backbone": {**_OLD_FLAT, **old}, "num_classes": 3}, "train": {"label_smoothing": 0.0}}
+    if old["type"] == "point_transformer":
+        saved["model"]["tokenizer"] = new_tok = {"name": None, "kwargs": {"num_groups": 8, "group_size": 4}}
+    with pytest.warns(ConfigDeprecationWarning) as caught:
+        cfg = load_config(saved)
+    assert any("keys it does not take were dropped" in str(w.message) for w in caught)
+    current = {"model": {"backbone": new, "num_classes": 3}}
+    if old["type"] == "point_transformer":
+        current["model"]["tokenizer"] = new_tok
+    torch.manual_seed(0)
+    a = build_encoder(cfg, verbose=False).eval()
+    torch.manual_seed(0)
+    b = build_encoder(current, verbose=False).eval()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    torch.testing.assert_close(a(inputs), b(inputs), rtol=0, atol=0)
+
+
+def test_the_cls_last_tokenizer_of_old_configs():
+    with pytest.warns(ConfigDeprecationWarning):
+        cfg = load_config(
+            {"model": {"backbone": {"name": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "depth": 1},
+                       "tokenizer": {"name": "image_patches_cls_last"}, "num_classes": 3}}
+        )  # fmt: skip
+    encoder = build_encoder(cfg, verbose=False)
+    tokens = encoder.tokenizer(torch.randn(2, 3, 16, 16))
+    assert (tokens.num_prefix, tokens.num_suffix) == (0, 1) and encoder.head.pool == "last"
+    with pytest.warns(ConfigDeprecationWarning):
+        causal = load_config(
+            {"model": {"backbone": {"name": "causal_vit_tiny", "img_size": 16, "patch_size": 4, "depth": 1},
+                       "tokenizer": {"name": "image_patches_cls_last"}, "num_classes": 3}}
+        )  # fmt: skip
+    assert causal["model"]["tokenizer"]["name"] is None
+    assert build_encoder(causal, verbose=False).tokenizer.cls_position == "last"

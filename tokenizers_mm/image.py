@@ -125,6 +125,17 @@ class ImagePatches(nn.Module):
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=1e-6)
 
+    def set_cls_position(self, cls_position: ClsPosition) -> None:
+        """Move the class token first or last (same weights; ``last`` needs one class token and no registers)."""
+        if cls_position not in CLS_POSITIONS:
+            raise ValueError(f"cls_position must be one of {CLS_POSITIONS}, got {cls_position!r}")
+        if cls_position == "last" and (self.cls_token is None or self.reg_token is not None):
+            raise ValueError(
+                "cls_position='last' puts one class token after the patches: this tokenizer has "
+                f"{'no class token' if self.cls_token is None else 'register tokens'}"
+            )
+        self.cls_position = cls_position
+
     @property
     def grid_size(self) -> tuple[int, int]:
         return tuple(self.patch_embed.grid_size)

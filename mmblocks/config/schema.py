@@ -10,7 +10,7 @@ from typing import Any
 
 from .fields import BOOL, FLOAT, INT, STR, Component, Field, Schema, fields_from_dataclass, fields_from_signature
 
-__all__ = ["BACKBONE_BUILDER_ARGS", "schema"]
+__all__ = ["BACKBONE_BUILDER_ARGS", "backbone_default", "schema"]
 
 
 def _tasks():
@@ -106,7 +106,7 @@ def _train_fields() -> dict[str, Field]:
 
 
 #: Constructor arguments of a backbone that the encoder builder sets (channels of the data, own tokenizer or not).
-BACKBONE_BUILDER_ARGS = ("in_chans", "own_tokenizer", "image_tokenizer", "tokenizer_factory", "vit")
+BACKBONE_BUILDER_ARGS = ("in_chans", "own_tokenizer", "image_tokenizer")
 
 _BASE_SCHEMA: Schema = {
     "name": Field(None, STR, nullable=True, doc="run name (default: the config file name)"),
@@ -195,6 +195,11 @@ _BASE_SCHEMA: Schema = {
     },
     "train": {},  # the fields of TrainSettings (`schema()`)
 }
+
+
+def backbone_default() -> str:
+    """The backbone of a config that names none."""
+    return _BASE_SCHEMA["model"]["backbone"].default
 
 
 @functools.lru_cache(maxsize=1)

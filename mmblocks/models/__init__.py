@@ -2,14 +2,21 @@
 
 from ..layers.rope import AxialRoPE, apply_rotary, axial_rope, sequence_rope
 from ..layers.soft_mask import SoftMaskSchedule, advance_soft_masks
-from .ast import AST_PRESETS, AST_TOKENIZER, ast, ast_backbone, ast_from_hf, timm_vit_blocks
+from .ast import AST_PRESETS, AST_TOKENIZER, ast_backbone, ast_from_hf, ast_tokenizer, build_ast, timm_vit_blocks
 from .backbones import TimmViT, create_timm_vit, vit
 from .base import Backbone, BackboneBase, check_backbone
 from .causal_vit import CAUSAL_VIT_PRESETS, CausalViT, causal_vit
 from .encoder import LLMStage, MMEncoder
 from .point_transformer import PointTransformer
 from .registry import BACKBONES, create_backbone, list_backbones, register_backbone, resolve_backbone
-from .videomae import VIDEOMAE_PRESETS, VIDEOMAE_TUBELETS, videomae, videomae_backbone, videomae_from_hf
+from .videomae import (
+    VIDEOMAE_PRESETS,
+    VIDEOMAE_TUBELETS,
+    build_videomae,
+    videomae_backbone,
+    videomae_from_hf,
+    videomae_tokenizer,
+)
 
 __all__ = [
     "AST_PRESETS",
@@ -29,7 +36,9 @@ __all__ = [
     "TimmViT",
     "advance_soft_masks",
     "apply_rotary",
-    "ast",
+    "ast_tokenizer",
+    "build_ast",
+    "build_videomae",
     "ast_backbone",
     "ast_from_hf",
     "axial_rope",
@@ -42,7 +51,7 @@ __all__ = [
     "resolve_backbone",
     "sequence_rope",
     "timm_vit_blocks",
-    "videomae",
+    "videomae_tokenizer",
     "videomae_backbone",
     "videomae_from_hf",
     "vit",

@@ -9,8 +9,8 @@ applies after the LLM stage.
 - `ast_from_hf(model)` converts a Hugging Face ``ASTModel`` / ``ASTForAudioClassification`` (or a state dict and
   its ``ASTConfig``) into ``(AudioPatches, TimmViT)``; ``MMEncoder(tok, backbone).forward_features(fbank)``
   then equals ``ASTModel(input_values).last_hidden_state``.
-- `ast(...)` (the ``ast`` backbone; ``ast_tiny`` / ``ast_small`` / ``ast_base`` by name) and `ast_backbone(...)` build a
-  from-scratch AST of any width / depth / heads (`AST_PRESETS` names the usual ones).
+- `build_ast(...)` (the ``ast`` backbone; ``ast_tiny`` / ``ast_small`` / ``ast_base`` by name) and
+  `ast_backbone(...)` build a from-scratch AST of any width / depth / heads (`AST_PRESETS` names the usual ones).
 
 Normalisation: HF's ``ASTFeatureExtractor`` normalises the fbank *outside* the model,
 ``(fbank - mean) / (2 * std)`` with the AudioSet statistics, after zero-padding to ``max_length``. `AudioPatches`
@@ -32,7 +32,10 @@ tokens real) to get HF's unmasked output.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, Literal
+
+from torch import nn
 
 from tokenizers_mm import AudioPatches
 
@@ -49,7 +52,15 @@ from .hf_vit import (
 )
 from .registry import preset_sizes, register_backbone
 
-__all__ = ["AST_PRESETS", "AST_TOKENIZER", "ast", "ast_backbone", "ast_from_hf", "timm_vit_blocks"]
+__all__ = [
+    "AST_PRESETS",
+    "AST_TOKENIZER",
+    "ast_backbone",
+    "ast_from_hf",
+    "ast_tokenizer",
+    "build_ast",
+    "timm_vit_blocks",
+]
 
 
 def timm_vit_blocks(
@@ -63,11 +74,14 @@ def timm_vit_blocks(
     drop_path_rate: float = 0.0,
     final_norm: bool = True,
     name: str = "vit_blocks",
+    tokenizer_factory: Callable[..., nn.Module] | None = None,
+    readout: str = "cls",
 ) -> TimmViT:
     """A `TimmViT` without patch embedding: timm's own ViT blocks and final norm (`mmblocks.layers.vit_block_stack`),
     sized here, so HF checkpoints (eps 1e-12, ``gelu``) load exactly. Another modality's tokenizer feeds the blocks.
 
-    Args: those of `vit_block_stack`, plus ``name``, the name `TimmViT` reports.
+    Args: those of `vit_block_stack`, plus ``name`` (what `TimmViT` reports), ``tokenizer_factory`` (the
+    backbone's own tokenizer, built by `TimmViT.make_tokenizer`) and ``readout`` (the head pooling of its summary).
     """
     vit, sizes = vit_block_stack(
         embed_dim,
@@ -80,7 +94,7 @@ def timm_vit_blocks(
         drop_path_rate=drop_path_rate,
         final_norm=final_norm,
     )
-    backbone = TimmViT(name, vit=vit, image_tokenizer=False)
+    backbone = TimmViT(name, vit=vit, image_tokenizer=False, tokenizer_factory=tokenizer_factory, readout=readout)
     backbone.timm_config = {"name": name, **sizes}
     return backbone
 
@@ -109,8 +123,13 @@ AST_TOKENIZER: dict[str, Any] = {
 }
 
 
+def ast_tokenizer(embed_dim: int, **options: Any) -> AudioPatches:
+    """`AudioPatches` of width `embed_dim` in AST's layout (`AST_TOKENIZER`), `options` overriding."""
+    return AudioPatches(**{**AST_TOKENIZER, "embed_dim": embed_dim, **options})
+
+
 @register_backbone("ast", tokenizer="audio_patches")
-def ast(
+def build_ast(
     preset: AstPreset | None = None,
     *,
     embed_dim: int | None = None,
@@ -126,7 +145,7 @@ def ast(
     embed_dim, depth, num_heads = preset_sizes(
         AST_PRESETS, preset, "ast_base", "AST", embed_dim=embed_dim, depth=depth, num_heads=num_heads
     )
-    backbone = timm_vit_blocks(
+    return timm_vit_blocks(
         embed_dim,
         depth,
         num_heads,
@@ -134,9 +153,8 @@ def ast(
         drop_path_rate=drop_path_rate,
         norm_eps=norm_eps,
         name=preset or "ast",
+        tokenizer_factory=functools.partial(ast_tokenizer, embed_dim),
     )
-    backbone.tokenizer_factory = functools.partial(AudioPatches, **{**AST_TOKENIZER, "embed_dim": embed_dim})
-    return backbone
 
 
 def ast_backbone(
@@ -150,15 +168,19 @@ def ast_backbone(
     norm_eps: float = 1e-6,
     **tokenizer_kwargs: Any,
 ) -> tuple[AudioPatches, TimmViT]:
-    """A from-scratch AST: ``(AudioPatches, TimmViT)``, randomly initialised (timm's ViT init); the `ast` backbone
-    and its own tokenizer.
+    """A from-scratch AST: ``(AudioPatches, TimmViT)``, randomly initialised (timm's ViT init); the ``ast`` backbone
+    (`build_ast`) and its own tokenizer (`ast_tokenizer`, built first).
 
     `preset` (a key of `AST_PRESETS`) sets ``embed_dim / depth / num_heads`` unless given explicitly.
     `tokenizer_kwargs` override AST's layout (`AST_TOKENIZER`): ``target_frames=1024, fstride=tstride=10`` gives AST's
     ``12 x 101`` grid; 512 frames (ESC-50) gives ``12 x 50``; also ``normalize``, ``norm_mean``, ``norm_std``,
     ``sample_rate``, ``fbank_kwargs``, ... (`AudioPatches`).
     """
-    backbone = ast(
+    embed_dim, depth, num_heads = preset_sizes(
+        AST_PRESETS, preset, "ast_base", "AST", embed_dim=embed_dim, depth=depth, num_heads=num_heads
+    )
+    tokenizer = ast_tokenizer(embed_dim, **tokenizer_kwargs)
+    backbone = build_ast(
         preset,
         embed_dim=embed_dim,
         depth=depth,
@@ -167,11 +189,11 @@ def ast_backbone(
         drop_path_rate=drop_path_rate,
         norm_eps=norm_eps,
     )
-    return backbone.make_tokenizer(**tokenizer_kwargs), backbone
+    return tokenizer, backbone
 
 
 for _preset in AST_PRESETS:  # ast_tiny, ast_small, ast_base
-    register_backbone(_preset, functools.partial(ast, _preset), tokenizer="audio_patches")
+    register_backbone(_preset, functools.partial(build_ast, _preset), tokenizer="audio_patches")
 
 
 def ast_from_hf(

@@ -54,6 +54,8 @@ class TimmViT(BackboneBase):
             another modality's tokenizer: AST audio patches, VideoMAE tubelets, motion).
         tokenizer_factory: without the image tokenizer, builds this backbone's own tokenizer on `make_tokenizer`
             (AST's spectrogram patches, VideoMAE's tubelets), with the keyword arguments given there overriding.
+        readout: the head pooling that reads this backbone's summary (default: ``cls``, or ``mean`` for a ViT
+            without class token).
         kwargs: timm model arguments (custom depth / width / image and patch size).
     """
 
@@ -65,6 +67,7 @@ class TimmViT(BackboneBase):
         vit: nn.Module | None = None,
         image_tokenizer: bool = True,
         tokenizer_factory: Callable[..., nn.Module] | None = None,
+        readout: str | None = None,
         **kwargs: Any,
     ):
         super().__init__()
@@ -77,6 +80,7 @@ class TimmViT(BackboneBase):
         self.norm = vit.norm
         self._tokenizer = ImagePatches.from_timm(vit) if image_tokenizer else None
         self.tokenizer_factory = tokenizer_factory
+        self.readout = readout or ("mean" if image_tokenizer and getattr(vit, "cls_token", None) is None else "cls")
         self.timm_config = {"name": name, **kwargs}
 
     @classmethod
@@ -86,13 +90,18 @@ class TimmViT(BackboneBase):
 
     def make_tokenizer(self, **kwargs: Any) -> nn.Module:
         """The ViT's own `image_patches` tokenizer (its patch embedding, tokens and positions; sized by the ViT, so
-        it takes no arguments), or the tokenizer of `tokenizer_factory` built with `kwargs`."""
+        its only option is ``cls_position``: ``last`` moves the class token after the patches and reads it out
+        there), or the tokenizer of `tokenizer_factory` built with `kwargs`."""
         if self._tokenizer is not None:
-            if kwargs:
+            sizes = sorted(k for k in kwargs if k != "cls_position")
+            if sizes:
                 raise ValueError(
                     "the image tokenizer is the ViT's own patch embedding: set its size on the backbone (img_size, "
-                    f"patch_size, ...), not as tokenizer arguments {sorted(kwargs)}"
+                    f"patch_size, ...), not as tokenizer arguments {sizes}"
                 )
+            if "cls_position" in kwargs:
+                self._tokenizer.set_cls_position(kwargs["cls_position"])
+                self.readout = "last" if kwargs["cls_position"] == "last" else "cls"
             return self._tokenizer
         if self.tokenizer_factory is not None:
             return self.tokenizer_factory(**kwargs)

@@ -11,7 +11,7 @@ added to every key shifts all scores of a query equally, softmax ignores it, and
   ``VideoMAEForPreTraining`` (or a state dict and its ``VideoMAEConfig``) into ``(VideoTubelets, TimmViT)``;
   ``MMEncoder(tok, backbone).forward_features(frames)`` then equals ``VideoMAEModel(frames).last_hidden_state``
   (with or without the final LayerNorm, as the config says).
-- `videomae(...)` (the ``videomae`` backbone; ``videomae_small`` ... ``videomae_huge`` by name) and
+- `build_videomae(...)` (the ``videomae`` backbone; ``videomae_small`` ... ``videomae_huge`` by name) and
   `videomae_backbone(...)` build a from-scratch VideoMAE encoder of any size (`VIDEOMAE_PRESETS`).
 
 Input: ``[B, T, C, H, W]`` float frames, already normalised (VideoMAE's image processor does that outside the model;
@@ -40,7 +40,14 @@ from .hf_vit import (
 )
 from .registry import preset_sizes, register_backbone
 
-__all__ = ["VIDEOMAE_PRESETS", "VIDEOMAE_TUBELETS", "videomae", "videomae_backbone", "videomae_from_hf"]
+__all__ = [
+    "VIDEOMAE_PRESETS",
+    "VIDEOMAE_TUBELETS",
+    "build_videomae",
+    "videomae_backbone",
+    "videomae_from_hf",
+    "videomae_tokenizer",
+]
 
 #: VideoMAE's encoder sizes (ViT-S/B/L/H, tubelets 2 x 16 x 16).
 VideoMAEPreset = Literal["videomae_small", "videomae_base", "videomae_large", "videomae_huge"]
@@ -75,8 +82,13 @@ VIDEOMAE_TUBELETS: dict[str, Any] = {
 }
 
 
+def videomae_tokenizer(embed_dim: int, **options: Any) -> VideoTubelets:
+    """`VideoTubelets` of width `embed_dim` in VideoMAE's layout (`VIDEOMAE_TUBELETS`), `options` overriding."""
+    return VideoTubelets(**{**VIDEOMAE_TUBELETS, "embed_dim": embed_dim, **options})
+
+
 @register_backbone("videomae", tokenizer="video_tubelets")
-def videomae(
+def build_videomae(
     preset: VideoMAEPreset | None = None,
     *,
     embed_dim: int | None = None,
@@ -97,7 +109,7 @@ def videomae(
     embed_dim, depth, num_heads = preset_sizes(
         VIDEOMAE_PRESETS, preset, "videomae_base", "VideoMAE", embed_dim=embed_dim, depth=depth, num_heads=num_heads
     )
-    backbone = timm_vit_blocks(
+    return timm_vit_blocks(
         embed_dim,
         depth,
         num_heads,
@@ -107,10 +119,9 @@ def videomae(
         drop_path_rate=drop_path_rate,
         final_norm=final_norm,
         name=preset or "videomae",
+        tokenizer_factory=functools.partial(videomae_tokenizer, embed_dim),
+        readout="mean",  # VideoMAE reads out the mean of its tokens (no cls token)
     )
-    backbone.tokenizer_factory = functools.partial(VideoTubelets, **{**VIDEOMAE_TUBELETS, "embed_dim": embed_dim})
-    backbone.readout = "mean"  # VideoMAE reads out the mean of its tokens (no cls token)
-    return backbone
 
 
 def videomae_backbone(
@@ -127,10 +138,15 @@ def videomae_backbone(
     **tokenizer_kwargs: Any,
 ) -> tuple[VideoTubelets, TimmViT]:
     """A from-scratch VideoMAE encoder: ``(VideoTubelets, TimmViT)``, randomly initialised (timm's ViT init); the
-    `videomae` backbone and its own tokenizer, `tokenizer_kwargs` overriding VideoMAE's layout (`VIDEOMAE_TUBELETS`:
-    ``img_size``, ``num_frames``, ``patch_size``, ``tubelet_size``, ``in_chans``, ``pos_embed``, ``class_token``).
+    ``videomae`` backbone (`build_videomae`) and its own tokenizer (`videomae_tokenizer`, built first),
+    `tokenizer_kwargs` overriding VideoMAE's layout (`VIDEOMAE_TUBELETS`: ``img_size``, ``num_frames``,
+    ``patch_size``, ``tubelet_size``, ``in_chans``, ``pos_embed``, ``class_token``).
     """
-    backbone = videomae(
+    embed_dim, depth, num_heads = preset_sizes(
+        VIDEOMAE_PRESETS, preset, "videomae_base", "VideoMAE", embed_dim=embed_dim, depth=depth, num_heads=num_heads
+    )
+    tokenizer = videomae_tokenizer(embed_dim, **tokenizer_kwargs)
+    backbone = build_videomae(
         preset,
         embed_dim=embed_dim,
         depth=depth,
@@ -141,11 +157,11 @@ def videomae_backbone(
         drop_path_rate=drop_path_rate,
         norm_eps=norm_eps,
     )
-    return backbone.make_tokenizer(**tokenizer_kwargs), backbone
+    return tokenizer, backbone
 
 
 for _preset in VIDEOMAE_PRESETS:  # videomae_small, ..., videomae_huge
-    register_backbone(_preset, functools.partial(videomae, _preset), tokenizer="video_tubelets")
+    register_backbone(_preset, functools.partial(build_videomae, _preset), tokenizer="video_tubelets")
 
 
 def videomae_from_hf(model: Any, config: Any = None) -> tuple[VideoTubelets, TimmViT]:
@@ -191,6 +207,7 @@ def videomae_from_hf(model: Any, config: Any = None) -> tuple[VideoTubelets, Tim
         act=hf_activation(config),
         final_norm=not mean_pooling,
         name="videomae_hf",
+        readout="mean",
     )
     final = None if mean_pooling else {k: hf_tensor(sd, f"layernorm.{k}", "VideoMAE") for k in ("weight", "bias")}
     load_hf_vit_layers(backbone, hf_vit_layers(sd, config.num_hidden_layers), final)

@@ -514,6 +514,7 @@ def _read_state(folder: Path) -> dict:
 def load_checkpoint(
     path: str | os.PathLike,
     *,
+    model: nn.Module | None = None,
     optimizer: Any = None,
     scheduler: Any = None,
     map_location: str | torch.device = "cpu",
@@ -523,6 +524,8 @@ def load_checkpoint(
 
     Args:
         path: a ``step-*`` folder, or a checkpoint directory (its latest checkpoint is loaded).
+        model: if given, the stored weights are copied into it first, and must fit it exactly (as
+            `load_trainable_weights` with ``stages=None``), before anything else is loaded.
         optimizer, scheduler: if given, their ``load_state_dict`` receives the stored state (an error if the
             checkpoint has none).
         map_location: device for the model tensors and the optimizer/scheduler tensors.
@@ -530,7 +533,7 @@ def load_checkpoint(
 
     Returns:
         ``{"step": int, "model_state": dict[str, Tensor], "data_state": dict, "extra": dict, "path": Path}``.
-        Load the weights with ``model.load_state_dict(out["model_state"], strict=False)`` (trainable subset).
+        To load only the weights of a checkpoint into a model, use `load_trainable_weights`.
 
     Raises:
         CheckpointNotFoundError: the folder or a file it needs is missing (the message names the file).
@@ -547,6 +550,8 @@ def load_checkpoint(
         model_state = load_file(model_file, device=device)
     except SafetensorError as e:
         raise CheckpointError(f"cannot read {model_file}: corrupt safetensors file ({e})") from e
+    if model is not None:
+        _assign_weights(model, model_state, None, model_file)
 
     for obj, file in ((optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE)):
         if obj is None:
@@ -630,6 +635,13 @@ def load_trainable_weights(model: nn.Module, path: str | os.PathLike, stages: Se
         stored = load_file(str(file))
     except SafetensorError as e:
         raise CheckpointError(f"cannot read {file}: corrupt safetensors file ({e})") from e
+    return _assign_weights(model, stored, stages, file)
+
+
+def _assign_weights(
+    model: nn.Module, stored: Mapping[str, Tensor], stages: Sequence[str] | None, file: Path
+) -> list[str]:
+    """Copy `stored` into `model` after checking that it fits (see `load_trainable_weights`); names copied."""
     own = {**dict(model.named_parameters()), **_persistent_buffers(model)}
     if stages is None:
         names = list(stored)

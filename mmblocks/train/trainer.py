@@ -34,13 +34,12 @@ from .callbacks import Callback, FunctionCallback, default_callbacks
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
-    load_trainable_weights,
     save_checkpoint,
     trainable_state_dict,
 )
 from .distributed import DistInfo, all_reduce_min, barrier, init_distributed
 from .logging import MetricsLogger, StepTimer
-from .report import write_report
+from .report import REPORT_DIR, write_report
 from .schedule import build_scheduler, param_groups
 from .settings import TrainSettings
 
@@ -229,8 +228,9 @@ class Trainer:
     def load(self, path: Path) -> None:
         """Resume from the checkpoint at `path`: the weights (which must fit this model exactly), then the optimizer,
         scheduler, RNG and data position."""
-        load_trainable_weights(self.model, path)
-        state = load_checkpoint(path, optimizer=self.optimizer, scheduler=self.scheduler, map_location=self.device)
+        state = load_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, map_location=self.device
+        )
         self.step = state["step"]
         self.epoch = state["data_state"]["epoch"]
         self.batch_in_epoch = state["data_state"]["batch_in_epoch"]
@@ -396,7 +396,7 @@ class Trainer:
         if self.dist.is_main:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             test_metrics = self.last_metrics.get("test")
-            sections = test_metrics.report(self.out_dir / "report", "test") if test_metrics is not None else []
+            sections = test_metrics.report(self.out_dir / REPORT_DIR, "test") if test_metrics is not None else []
             path = write_report(self.out_dir, summary=summary, title=f"mmblocks run: {self.name}", sections=sections)
             print(f"report: {path}")
         for cb in self.callbacks:
