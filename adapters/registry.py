@@ -26,8 +26,7 @@ def list_adapters() -> list[str]:
 
 def create_adapter(name: str, in_dim: int, out_dim: int, **kwargs: Any) -> Adapter:
     """Build the adapter `name` projecting ``in_dim`` -> ``out_dim`` tokens."""
-    ADAPTERS.get(name)
+    ADAPTERS.check_kwargs(name, kwargs, given=("in_dim", "out_dim"))  # an unknown name or option first
     if not (isinstance(in_dim, int) and in_dim > 0 and isinstance(out_dim, int) and out_dim > 0):
         raise ValueError(f"adapter widths must be positive ints, got in_dim={in_dim!r}, out_dim={out_dim!r}")
-    ADAPTERS.check_kwargs(name, kwargs, given=("in_dim", "out_dim"))
     return ADAPTERS.get(name)(in_dim, out_dim, **kwargs)

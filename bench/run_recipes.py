@@ -5,9 +5,10 @@
     python bench/run_recipes.py --out runs/recipes        # reports per arm + comparison.md there
     python bench/run_recipes.py --only adapters           # issue 5: six adapters under one frozen tower
 
-Each arm runs `mmblocks.train.Trainer` on its config as written (the datasets are made when missing), with
-``train.out_dir``, ``train.seed`` and optionally ``train.epochs`` overridden. The table gives test accuracy, the best
-validation accuracy, trainable / frozen parameters, training throughput and wall time, one line per arm and seed.
+Each arm runs `mmblocks.recipes.build_trainer(config).fit()` on its config as written (the datasets are made when
+missing), with ``train.out_dir``, ``train.seed`` and optionally ``train.epochs`` overridden. The table gives test
+accuracy, the best validation accuracy, trainable / frozen parameters, training throughput and wall time, one line per
+arm and seed.
 These are the figures quoted in the closing notes; they are single small runs on CPU, not the papers' settings.
 """
 

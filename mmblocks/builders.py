@@ -21,6 +21,7 @@ from tokenizers_mm import create_tokenizer
 from tokenizers_mm.registry import RegistryError
 
 from .config import ConfigError, load_config
+from .errors import MMBlocksError
 from .llm import load_blocks
 from .models import BACKBONES, LLMStage, MMEncoder, create_backbone, resolve_backbone
 from .tasks import TASKS, Task, create_task
@@ -35,7 +36,6 @@ __all__ = [
     "build_tokenizer_and_backbone",
     "freeze_stages",
     "load_encoder_weights",
-    "num_classes_from_data",
     "point_bert_llm",
     "videomae_llm",
     "vit_small_llm_last",
@@ -52,9 +52,9 @@ def config_errors(where: str) -> Iterator[None]:
     `ConfigError` that names the config key `where` built it from."""
     try:
         yield
-    except ConfigError:
+    except MMBlocksError:  # already says what is wrong (missing shards, an unknown model family, ...)
         raise
-    except (ValueError, RegistryError) as err:
+    except (ValueError, IndexError, RegistryError) as err:  # IndexError: a layer index out of range
         raise ConfigError(f"{where}: {err}") from err
 
 
@@ -62,12 +62,6 @@ def _data_index(data_cfg: Mapping[str, Any]):
     from .data import read_index
 
     return read_index(data_cfg["root"])
-
-
-def num_classes_from_data(data_cfg: Mapping[str, Any]) -> int | None:
-    """Class count from the shards' ``index.json`` (None when the shards do not exist yet)."""
-    index = _data_index(data_cfg)
-    return len(index.class_names) if index is not None and index.class_names else None
 
 
 def build_task(cfg: Mapping[str, Any] | str | os.PathLike, num_classes: int | None = None) -> Task | None:
@@ -78,14 +72,16 @@ def build_task(cfg: Mapping[str, Any] | str | os.PathLike, num_classes: int | No
     name = options.pop("name")
     params = TASKS.parameters(name)
     if "num_classes" in params:
-        index = _data_index(cfg["data"])
-        names = index.class_names if index is not None else None
-        classes = num_classes or cfg["model"]["num_classes"] or (len(names) if names else None)
-        if classes is None:
-            return None
+        classes = num_classes or cfg["model"]["num_classes"]
+        if classes is None:  # only then the shards are read: they may not exist yet when the count is given
+            index = _data_index(cfg["data"])
+            names = index.class_names if index is not None else None
+            if not names:
+                return None
+            classes = len(names)
+            if "class_names" in params:
+                options["class_names"] = list(names)
         options["num_classes"] = classes
-        if "class_names" in params and names and len(names) == classes:
-            options["class_names"] = list(names)
     with config_errors("task"):
         return create_task(name, **options)
 

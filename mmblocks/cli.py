@@ -115,17 +115,28 @@ def _cmd_families(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     import torch
 
+    from .config import ConfigError
+    from .errors import USER_ERRORS
     from .llm import load_blocks
 
-    blocks = load_blocks(
-        args.source,
-        _parse_layers(args.layers),
-        attention=args.attention,
-        rope=args.rope,
-        final_norm=args.final_norm,
-        tune=args.tune,
-        attn_implementation=args.attn_implementation,
-    )
+    try:
+        layers = _parse_layers(args.layers)
+    except ValueError as err:
+        raise ConfigError(f"--layers {args.layers!r}: expected '-1', '3,5' or '10:14' ({err})") from None
+    try:
+        blocks = load_blocks(
+            args.source,
+            layers,
+            attention=args.attention,
+            rope=args.rope,
+            final_norm=args.final_norm,
+            tune=args.tune,
+            attn_implementation=args.attn_implementation,
+        )
+    except (ValueError, IndexError) as err:  # a layer out of range, a backend the family lacks, ...
+        if isinstance(err, USER_ERRORS):
+            raise
+        raise ConfigError(f"blocks show {args.source}: {err}") from err
     print(blocks)
     print(blocks.parameter_table())
     with torch.no_grad():

@@ -13,16 +13,18 @@ task's head) and the loaders (requiring the fields the task needs) are built and
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .builders import build_encoder, build_task
+from .builders import build_encoder, build_task, config_errors
 from .config import Config, ConfigError, dump_config, load_config
 from .data import build_loader, make_dataset
 from .errors import MissingShardsError
+from .models import BACKBONES, resolve_backbone
 from .tasks import Task
 from .train import Callback, DistInfo, Trainer, TrainSettings, evaluate, init_distributed, seed_everything
 from .train.checkpoint import load_trainable_weights
@@ -76,22 +78,23 @@ def make_loader(cfg: Config, split: str, *, train: bool, task: Task, dist_info: 
     augment: Any = d["augment"] and train
     if augment and d["augment_policy"] is not None:
         augment = d["augment_policy"]
-    return build_loader(
-        d["root"],
-        split,
-        **{
-            **loader_options(d),
-            "batch_size": d["batch_size"] if train else (d["eval_batch_size"] or d["batch_size"]),
-            "augment": augment,
-            "shuffle": train,
-            "resampled": d["resampled"] and train,
-            "seed": cfg["train"]["seed"],
-            "rank": dist_info.rank,
-            "world_size": dist_info.world_size,
-            "drop_last": False,
-            "fields": task.fields,
-        },
-    )
+    with config_errors("data"):  # what the loader or its codec rejects (a video with augment on, ...)
+        return build_loader(
+            d["root"],
+            split,
+            **{
+                **loader_options(d),
+                "batch_size": d["batch_size"] if train else (d["eval_batch_size"] or d["batch_size"]),
+                "augment": augment,
+                "shuffle": train,
+                "resampled": d["resampled"] and train,
+                "seed": cfg["train"]["seed"],
+                "rank": dist_info.rank,
+                "world_size": dist_info.world_size,
+                "drop_last": False,
+                "fields": task.fields,
+            },
+        )
 
 
 def build_loaders(cfg: Config, task: Task, dist_info: DistInfo) -> dict[str, Any]:
@@ -108,9 +111,10 @@ def run_info(cfg: Config) -> dict[str, Any]:
     """What a run's summary says about its components."""
     m = cfg["model"]
     llm = m["llm"]
+    own = BACKBONES.info(resolve_backbone(m["backbone"]["name"])[0])["tokenizer"]
     return {
         "name": cfg["name"],
-        "tokenizer": m["tokenizer"]["name"] or f"{m['backbone']['name']}'s own",
+        "tokenizer": m["tokenizer"]["name"] or own,
         "backbone": m["backbone"]["name"],
         "llm": f"{llm['source']} layers {llm['layers']} tune={llm['tune']}" if llm["enabled"] else "none",
     }
@@ -120,7 +124,7 @@ def prepare(config: ConfigLike, overrides: Sequence[str] = ()) -> tuple[Config, 
     """Validate the config, join the process group, seed, make the dataset if needed and build the task:
     ``(cfg, dist, task)``. Random-init LLM blocks get ``train.seed`` unless ``model.llm.seed`` is set (a resumed
     run rebuilds them identically)."""
-    cfg = load_config(config, overrides)
+    cfg = copy.deepcopy(load_config(config, overrides))  # the LLM seed below must not reach the caller's config
     t = cfg["train"]
     dist = init_distributed(t["device"])
     seed_everything(t["seed"])

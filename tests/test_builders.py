@@ -165,3 +165,9 @@ def test_named_encoders(tiny_checkpoint):
     assert video(torch.randn(2, 4, 3, 32, 32)).shape == (2, 4)
     image = vit_tiny_llm_last(4, img_size=32, patch_size=8, source=llm)
     assert image.llm_stage.blocks.layer_indices == [3] and image(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_a_vit_without_class_token_reads_out_the_mean():
+    encoder = build_encoder(_cfg(backbone={**TINY_VIT, "class_token": False}), verbose=False)
+    assert encoder.backbone.readout == "mean" and encoder.head.pool == "mean"
+    assert encoder(torch.randn(2, 3, 16, 16)).shape == (2, 3)

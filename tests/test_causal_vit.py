@@ -269,3 +269,11 @@ def test_soft_vit_trains():
     loss = torch.nn.functional.cross_entropy(enc(torch.randn(2, 3, IMG, IMG)), torch.tensor([0, 2]))
     loss.backward()
     assert all(p.grad is not None for p in enc.trainable_parameters())
+
+
+def test_causal_vit_presets_match_the_size_literal():
+    from typing import get_args
+
+    from mmblocks.models.causal_vit import CAUSAL_VIT_PRESETS, CausalViTSize
+
+    assert set(CAUSAL_VIT_PRESETS) == set(get_args(CausalViTSize))

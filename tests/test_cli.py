@@ -38,3 +38,12 @@ def test_the_error_classes_are_user_errors():
         assert issubclass(cls, MMBlocksError) and issubclass(cls, USER_ERRORS), cls
     assert issubclass(ConfigError, ValueError) and issubclass(DataError, RuntimeError)
     assert issubclass(MissingShardsError, DataError) and issubclass(MissingShardsError, FileNotFoundError)
+
+
+def test_what_the_loader_rejects_is_a_config_error(tmp_path, capsys):
+    from mmblocks.data import make_dataset
+
+    make_dataset("digits", tmp_path, progress=False)
+    argv = ["train", "configs/image/digits_vit_tiny.yaml", f"data.root={tmp_path}", "data.image_size=null"]
+    assert main([*argv, f"train.out_dir={tmp_path / 'run'}"]) == 2
+    assert "mmblocks: error: data: image shards need image_size" in capsys.readouterr().err

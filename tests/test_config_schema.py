@@ -217,3 +217,18 @@ def test_the_cls_last_tokenizer_of_old_configs():
         )  # fmt: skip
     assert causal["model"]["tokenizer"]["name"] is None
     assert build_encoder(causal, verbose=False).tokenizer.cls_position == "last"
+
+
+def test_shorthand_components_take_overrides_and_prepare_leaves_the_callers_config_alone(tmp_path):
+    cfg = load_config({"model": {"backbone": "ast_tiny"}, "task": "classification"}, ["model.backbone.depth=2"])
+    assert cfg["model"]["backbone"]["name"] == "ast_tiny" and cfg["model"]["backbone"]["depth"] == 2
+
+    from mmblocks.recipes import prepare
+
+    (tmp_path / "index.json").write_text("not json")  # an unrelated, broken index where the shards would be
+    mine = load_config({"data": {"root": str(tmp_path)}, "model": {"backbone": dict(TINY_AST), "num_classes": 3}})
+    encoder = build_encoder(mine, verbose=False)  # the count is given: the shards are not read
+    assert encoder.head.num_classes == 3
+    prepared, _, task = prepare(mine)
+    assert task.num_classes == 3 and prepared["model"]["llm"]["seed"] == prepared["train"]["seed"] == 0
+    assert mine["model"]["llm"]["seed"] is None, "prepare works on a copy"

@@ -437,3 +437,17 @@ def test_fields_are_decoded_and_required_ones_name_the_shard(tmp_path):
         build_loader(tmp_path / "captions", fields=("caption",), **kw)
     labelled_without_cls = build_loader(tmp_path / "labelled", fields=("txt",), num_workers=0, **LOAD)
     assert sum(len(b.key) for b in labelled_without_cls) == 8, "a task that needs only txt reads labelled shards"
+
+
+def test_an_undecodable_field_nobody_asked_for_does_not_cost_the_sample(tmp_path):
+    (tmp_path / "s").mkdir()
+    with wds.TarWriter(str(tmp_path / "s" / "train-000000.tar")) as sink:
+        sink.write({"__key__": "a", "png": png_bytes(0), "txt": "fine", "json": b"{not json"})
+        sink.write({"__key__": "b", "png": png_bytes(1), "txt": b"\xff\xfe", "json": {"ok": 1}})
+    kw = dict(num_workers=0, shuffle=False, batch_size=4, image_size=8, augment="none")
+    loader = build_loader(tmp_path / "s", **kw)
+    [batch] = list(loader)
+    assert batch.key == ["a", "b"] and loader.stats["skipped"] == 0 and batch.fields == {}
+    strict = build_loader(tmp_path / "s", fields=("txt",), **kw)
+    [batch] = list(strict)
+    assert batch.key == ["a"] and strict.stats["skipped"] == 1, "a required field that does not decode is corrupt"

@@ -73,6 +73,9 @@ class Registry(Generic[T]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __getitem__(self, name: str) -> Callable[..., T]:
+        return self.get(name)
+
     def get(self, name: str) -> Callable[..., T]:
         if name not in self._entries:
             raise RegistryError(

@@ -4,7 +4,6 @@ fill the defaults. Every validation error names the key path, the bad value and 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -85,9 +84,6 @@ def _validate_component(comp: Component, data: Any, parts: list[str], cfg: dict[
     except RegistryError as err:
         raise ConfigError(f"{where}: {err}") from None
     fields = fields_from_signature(entry_fn, skip=(*comp.builder_args, *fixed), defaults=comp.defaults)
-    for key, default in comp.defaults.items():
-        if key in fields:
-            fields[key] = dataclasses.replace(fields[key], default=default, nullable=True)
     unknown = [k for k in data if k != "name" and k not in fields]
     if unknown:
         raise _unknown_key(unknown[0], ["name", *fields], parts)
@@ -120,7 +116,7 @@ def _validate(node: Schema, data: Any, parts: list[str], cfg: dict[str, Any]) ->
     return out
 
 
-def validate_config(cfg: Mapping[str, Any]) -> Config:
+def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Check every key and value against the schema and fill the defaults; raises `ConfigError`."""
     out: dict[str, Any] = {}
     _validate(schema(), migrate(copy.deepcopy(dict(cfg))), [], out)
@@ -146,7 +142,7 @@ def validate_config(cfg: Mapping[str, Any]) -> Config:
         TrainSettings(**out["train"])
     except ValueError as err:
         raise ConfigError(f"train.{err}") from None
-    return Config(out)
+    return out
 
 
 def _parse_scalar(text: str) -> Any:
@@ -170,7 +166,7 @@ def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         node: dict[str, Any] = cfg
         for i, part in enumerate(parts[:-1]):
             nxt = node.get(part)
-            if isinstance(nxt, str) and i == 0 and part == "task":  # `task: classification` shorthand
+            if isinstance(nxt, str):  # a component named in short (`task: classification`) gets an option
                 nxt = node[part] = {"name": nxt}
             nxt = node.setdefault(part, {}) if nxt is None else nxt
             if not isinstance(nxt, dict):
@@ -196,7 +192,7 @@ def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequen
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         stem = path.stem
-    cfg = validate_config(apply_overrides(raw, overrides))
+    cfg = Config(validate_config(apply_overrides(raw, overrides)))
     if cfg["name"] is None:
         cfg["name"] = stem or "run"
     if cfg["train"]["out_dir"] is None:

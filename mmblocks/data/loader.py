@@ -12,8 +12,9 @@
 Besides the media (decoded by the modality's codec, `mmblocks.data.codecs`), the loader decodes the fields the shards
 carry (`mmblocks.data.schema.FIELD_KEYS`): ``cls`` (the label, ``batch.label``), ``txt`` (a caption or transcript) and
 ``json`` (metadata), the last two in ``batch.fields``. ``fields=`` names the ones every sample must have (a Task passes
-the fields it needs; by default ``cls`` when ``index.json`` lists class names); other fields appear in a batch when
-every sample of that batch carries them.
+the fields it needs; by default ``cls`` when ``index.json`` lists class names): a sample without one is an error, one
+whose required field or label does not decode is skipped and counted. Other fields appear in a batch when every sample
+of that batch carries them in a decodable form.
 
 Pipeline, in each DataLoader worker (open_clip's WDS pipeline, made exact): shard plan -> tar reading
 (`tario.iter_samples`, a strict and fast reader) -> seeded sample shuffle buffer on the raw bytes
@@ -61,6 +62,7 @@ A sample without its media key, or without a field listed in ``fields``, is not 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -540,10 +542,17 @@ class ShardDataset(IterableDataset):
                 f"missing {what} in sample {key!r} of shard {url}; the sample has: {present}"
                 + ("" if media_key is None else why.get(missing, ""))
             )
+        fields = {}
+        for name in FIELD_KEYS:  # a field nobody asked for that does not decode is left out, not the sample
+            if name in sample and name not in self.fields and name != LABEL_KEY:
+                with contextlib.suppress(UnicodeDecodeError, ValueError):
+                    fields[name] = _decode_field(name, sample[name])
         try:
-            fields = {f: _decode_field(f, sample[f]) for f in FIELD_KEYS if f in sample}
+            for name in {*self.fields, LABEL_KEY}:
+                if name in sample:
+                    fields[name] = _decode_field(name, sample[name])
             item = codec.decode(sample[media_key], media_key, key)
-        except Exception as exn:  # truncated/invalid media, unparsable label or text: skip and count
+        except Exception as exn:  # truncated/invalid media, unparsable label or required field: skip and count
             cause = exn.__cause__ or exn
             stats.skipped += 1
             stats.note(f"{key} in {url}: {type(cause).__name__}: {cause}")

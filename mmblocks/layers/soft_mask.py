@@ -12,14 +12,15 @@ The iLLaMA recipes use ``constant``, cutoff 50 epochs (tiny) and ``linear``, cut
 
 Modules that hold a schedule (`CausalViT` with ``attention="soft"``, `LLMBlocks` with ``attention="soft"``)
 expose it as ``module.soft_mask`` and take the current ratio through ``module.set_soft_mask_ratio(r)``;
-`advance_soft_masks` finds them all and must run before the forward passes of every optimizer step. The
-current ratio lives in a persistent buffer of those modules, so checkpoints that keep buffers restore it.
+`advance_soft_masks` sets them all and must run before the forward passes of every optimizer step (in training,
+`mmblocks.train.SoftMaskCallback` calls it). The current ratio lives in a persistent buffer of those modules, so
+checkpoints that keep buffers restore it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -177,13 +178,16 @@ def soft_mask_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def advance_soft_masks(
-    model: nn.Module, step: int, epoch: float | None = None, steps_per_epoch: int | None = None
+    model: nn.Module | Sequence[tuple[str, nn.Module]],
+    step: int,
+    epoch: float | None = None,
+    steps_per_epoch: int | None = None,
 ) -> dict[str, float]:
-    """Set every soft-masked module below `model` to its schedule's ratio at ``step``; returns
-    ``{module name: r}`` (empty when nothing is soft-masked). Call before the forward passes of each optimizer
-    step (and once after loading a checkpoint, before evaluating)."""
+    """Set every soft-masked module below `model` (or the ``(name, module)`` pairs `soft_mask_modules` found once) to
+    its schedule's ratio at ``step``; returns ``{module name: r}`` (empty when nothing is soft-masked). Call before
+    the forward passes of each optimizer step (`mmblocks.train.SoftMaskCallback` does, in the trainer)."""
     out: dict[str, float] = {}
-    for name, module in soft_mask_modules(model):
+    for name, module in soft_mask_modules(model) if isinstance(model, nn.Module) else model:
         r = module.soft_mask.value(step, epoch, steps_per_epoch)
         module.set_soft_mask_ratio(r)
         out[name or type(module).__name__] = r

@@ -7,6 +7,7 @@ from .families import FAMILIES, FamilySpec, UnknownFamilyError, get_family, list
 from .load import DTYPES, load_blocks, resolve_layers
 from .sources import (
     MissingDependencyError,
+    MissingWeightsError,
     SourceError,
     cache_dir,
     list_offline_models,
@@ -31,6 +32,7 @@ __all__ = [
     "InterpolatedLayer",
     "LLMBlocks",
     "MissingDependencyError",
+    "MissingWeightsError",
     "SourceError",
     "UnitRMSNorm",
     "UnknownFamilyError",

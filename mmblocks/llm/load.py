@@ -16,7 +16,7 @@ from ..layers.masks import ATTENTION_MODES, AttentionMode, CausalImpl
 from ..layers.norms import UnitRMSNorm, is_norm_module
 from .blocks import FINAL_NORMS, ROPE_MODES, FinalNorm, LLMBlocks, RopeMode
 from .families import FamilySpec, get_family
-from .sources import ResolvedSource, TensorReader, resolve_source
+from .sources import MissingWeightsError, ResolvedSource, TensorReader, resolve_source
 from .tuning import TUNE_MODES, TuneMode, apply_tuning
 
 __all__ = ["DTYPES", "DTypeName", "load_blocks", "resolve_layers"]
@@ -86,7 +86,7 @@ def _find_prefix(keys: Sequence[str], spec: FamilySpec, index: int) -> str:
         pos = k.find(needle)
         if pos >= 0 and (pos == 0 or k[pos - 1] == "."):
             return k[:pos]
-    raise KeyError(
+    raise MissingWeightsError(
         f"the checkpoint has no tensors for layer {index} (looked for keys containing {needle!r}); "
         f"is it a {spec.model_type} checkpoint?"
     )
@@ -96,7 +96,7 @@ def _load_module(module: nn.Module, reader: TensorReader, available: set[str], p
     names = {prefix + k for k in module.state_dict()}
     missing = sorted(names - available)
     if missing:
-        raise KeyError(f"checkpoint is missing {len(missing)} tensor(s) of {what}, e.g. {missing[:3]}")
+        raise MissingWeightsError(f"checkpoint is missing {len(missing)} tensor(s) of {what}, e.g. {missing[:3]}")
     tensors = reader.read(sorted(names))
     state = {k[len(prefix) :]: v for k, v in tensors.items()}
     module.load_state_dict(state, strict=True, assign=True)

@@ -36,6 +36,8 @@ from ..errors import MMBlocksError
 __all__ = [
     "OfflineModel",
     "SMOLLM2_135M_SHAPE",
+    "MissingDependencyError",
+    "MissingWeightsError",
     "ResolvedSource",
     "SourceError",
     "cache_dir",
@@ -50,6 +52,13 @@ CACHE_ENV = "MMBLOCKS_CACHE"
 
 class SourceError(MMBlocksError, FileNotFoundError):
     """A `source` that cannot be resolved offline, with what was tried."""
+
+
+class MissingWeightsError(MMBlocksError, KeyError):
+    """A checkpoint that lacks tensors the requested layers need (another architecture, a truncated export)."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
 
 
 class MissingDependencyError(MMBlocksError, ImportError):

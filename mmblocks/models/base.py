@@ -22,6 +22,8 @@ from torch import nn
 
 from tokenizers_mm import Tokens
 
+from ..layers.masks import padding_bias
+
 __all__ = ["Backbone", "BackboneBase", "check_backbone"]
 
 
@@ -42,7 +44,17 @@ class Backbone(Protocol):
     def tokenizer_kwargs(self) -> dict[str, Any]: ...
 
 
-_MEMBERS = ("embed_dim", "blocks", "norm_pre", "norm", "readout", "prepare", "block_positions", "make_tokenizer")
+_MEMBERS = (
+    "embed_dim",
+    "blocks",
+    "norm_pre",
+    "norm",
+    "readout",
+    "prepare",
+    "block_positions",
+    "make_tokenizer",
+    "tokenizer_kwargs",
+)
 
 
 def check_backbone(module: Any) -> None:
@@ -86,8 +98,6 @@ class BackboneBase(nn.Module):
 
     def forward(self, tokens: Tokens) -> Tokens:
         """All blocks, no final norm: ``Tokens [B, N, D] -> Tokens [B, N, D]`` (padded keys masked)."""
-        from ..layers.masks import padding_bias
-
         self.prepare(tokens)
         pos = self.block_positions(tokens)
         x = self.norm_pre(tokens.x)

@@ -434,7 +434,6 @@ def causal_vit(size: CausalViTSize = "tiny", **kwargs: Any) -> CausalViT:
     return CausalViT(size, **kwargs)
 
 
-assert set(CAUSAL_VIT_PRESETS) == set(get_args(CausalViTSize))
 for _size in CAUSAL_VIT_PRESETS:  # causal_vit_tiny, ...: the iLLaMA sizes by name
     register_backbone(
         f"causal_vit_{_size}",

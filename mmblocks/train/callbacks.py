@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..layers.soft_mask import soft_mask_modules
+from ..layers.soft_mask import advance_soft_masks, soft_mask_modules
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -66,12 +66,8 @@ class SoftMaskCallback(Callback):
     def on_step_start(self, trainer: Trainer) -> Mapping[str, float] | None:
         if not self.modules:
             return None
-        ratios = []
-        for _, module in self.modules:
-            r = module.soft_mask.value(trainer.step, epoch=trainer.epoch, steps_per_epoch=trainer.steps_per_epoch)
-            module.set_soft_mask_ratio(r)
-            ratios.append(r)
-        return {"soft_mask_r": ratios[0]}
+        ratios = advance_soft_masks(self.modules, trainer.step, trainer.epoch, trainer.steps_per_epoch)
+        return {"soft_mask_r": next(iter(ratios.values()))}
 
 
 def default_callbacks() -> list[Callback]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "all_reduce_min", "barrier"]
+__all__ = ["DistInfo", "init_distributed", "all_reduce_min", "barrier"]
 
 
 @dataclass(frozen=True)
@@ -47,15 +47,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum over ranks (identity when alone)."""
-    if not _active():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
 
 
 def all_reduce_min(value: int, device: torch.device) -> int:
