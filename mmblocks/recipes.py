@@ -46,7 +46,7 @@ __all__ = [
 ConfigLike = str | os.PathLike | Mapping[str, Any]
 
 #: ``data`` keys that are not `build_loader` arguments (the rest are passed to it under their own names).
-_RECIPE_DATA_KEYS = ("dataset", "root", "train_split", "val_split", "test_split", "eval_batch_size", "augment_policy")
+RECIPE_DATA_KEYS = ("dataset", "root", "train_split", "val_split", "test_split", "eval_batch_size", "augment_policy")
 
 
 def ensure_dataset(data_cfg: Mapping[str, Any], dist_info: DistInfo) -> None:
@@ -68,7 +68,7 @@ def ensure_dataset(data_cfg: Mapping[str, Any], dist_info: DistInfo) -> None:
 def loader_options(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The ``data`` keys that `build_loader` takes, under its own argument names."""
     params = inspect.signature(build_loader).parameters
-    return {k: v for k, v in data_cfg.items() if k in params and k not in _RECIPE_DATA_KEYS}
+    return {k: v for k, v in data_cfg.items() if k in params}
 
 
 def make_loader(cfg: Config, split: str, *, train: bool, task: Task, dist_info: DistInfo) -> Any:

@@ -19,7 +19,7 @@ from mmblocks.data.codecs import FRAME_SAMPLINGS, augment_presets
 from mmblocks.heads import POOLING
 from mmblocks.layers import ATTENTION_MODES, CAUSAL_IMPLS
 from mmblocks.llm import DTYPES, FINAL_NORMS, ROPE_MODES, TUNE_MODES, load_blocks
-from mmblocks.recipes import _RECIPE_DATA_KEYS, loader_options
+from mmblocks.recipes import RECIPE_DATA_KEYS, loader_options
 from mmblocks.train import TrainSettings
 
 TINY_AST = {"name": "ast_tiny", "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -54,11 +54,11 @@ def test_llm_section_is_load_blocks_signature():
 def test_data_keys_are_build_loader_arguments_or_recipe_keys():
     data = schema()["data"]
     params = set(inspect.signature(build_loader).parameters)
-    assert set(data) == (set(data) & params) | set(_RECIPE_DATA_KEYS)
-    assert set(_RECIPE_DATA_KEYS) <= set(data)
+    assert set(data) == (set(data) & params) | set(RECIPE_DATA_KEYS)
+    assert set(RECIPE_DATA_KEYS) <= set(data)
     assert data["dataset"].choices() == list_datasets() and data["modality"].choices() == list_codecs()
     assert data["frame_sampling"].choices() == FRAME_SAMPLINGS and data["augment_policy"].choices() == augment_presets()
-    assert set(loader_options(load_config({})["data"])) == set(data) - set(_RECIPE_DATA_KEYS)
+    assert set(loader_options(load_config({})["data"])) == set(data) - set(RECIPE_DATA_KEYS)
 
 
 @pytest.mark.parametrize(
