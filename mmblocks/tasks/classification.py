@@ -149,8 +149,8 @@ class ClassificationTask(Task):
     ):
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if class_names is not None and len(class_names) != num_classes:
