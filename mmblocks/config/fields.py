@@ -48,7 +48,8 @@ class Component:
         registry: returns the `Registry` (imported lazily).
         default: the entry used when ``name`` is absent (None: ``default_from`` decides).
         resolve: maps a config name to ``(entry, fixed arguments)`` (e.g. a timm ViT name to ``vit``).
-        builder_args: constructor arguments the builder sets itself (widths, class counts, ...), not the config.
+        builder_args: constructor arguments the builder sets itself (widths, class counts, ...), not the config; or
+            a function of the entry's name giving them.
         defaults: config-level defaults that differ from the constructor's (e.g. a head's ``pool: null`` = the
             backbone's readout).
         default_from: the entry's name from the already validated config when neither given nor `default`.
@@ -57,7 +58,7 @@ class Component:
     registry: Callable[[], Any]
     default: str | None = None
     resolve: Callable[[str], tuple[str, dict[str, Any]]] | None = None
-    builder_args: tuple[str, ...] = ()
+    builder_args: tuple[str, ...] | Callable[[str], tuple[str, ...]] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
     default_from: Callable[[dict[str, Any]], str] | None = None
     doc: str = ""

@@ -83,7 +83,8 @@ def _validate_component(comp: Component, data: Any, parts: list[str], cfg: dict[
         entry_fn = registry.get(entry)
     except RegistryError as err:
         raise ConfigError(f"{where}: {err}") from None
-    fields = fields_from_signature(entry_fn, skip=(*comp.builder_args, *fixed), defaults=comp.defaults)
+    builder_args = comp.builder_args(entry) if callable(comp.builder_args) else comp.builder_args
+    fields = fields_from_signature(entry_fn, skip=(*builder_args, *fixed), defaults=comp.defaults)
     unknown = [k for k in data if k != "name" and k not in fields]
     if unknown:
         raise _unknown_key(unknown[0], ["name", *fields], parts)

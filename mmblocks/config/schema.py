@@ -10,7 +10,7 @@ from typing import Any
 
 from .fields import BOOL, FLOAT, INT, STR, Component, Field, Schema, fields_from_dataclass, fields_from_signature
 
-__all__ = ["BACKBONE_BUILDER_ARGS", "backbone_default", "schema"]
+__all__ = ["backbone_default", "schema"]
 
 
 def _tasks():
@@ -29,6 +29,12 @@ def _resolve_backbone(name: str) -> tuple[str, dict[str, Any]]:
     from ..models import resolve_backbone
 
     return resolve_backbone(name)
+
+
+def _backbone_builder_args(entry: str) -> tuple[str, ...]:
+    from ..models import builder_args
+
+    return builder_args(entry)
 
 
 def _heads():
@@ -106,7 +112,6 @@ def _train_fields() -> dict[str, Field]:
 
 
 #: Constructor arguments of a backbone that the encoder builder sets (channels of the data, own tokenizer or not).
-BACKBONE_BUILDER_ARGS = ("in_chans", "own_tokenizer", "image_tokenizer")
 
 _BASE_SCHEMA: Schema = {
     "name": Field(None, STR, nullable=True, doc="run name (default: the config file name)"),
@@ -131,7 +136,7 @@ _BASE_SCHEMA: Schema = {
             _backbones,
             default="vit_tiny_patch16_224",
             resolve=_resolve_backbone,
-            builder_args=BACKBONE_BUILDER_ARGS,
+            builder_args=_backbone_builder_args,
             doc="a registered backbone (vit, causal_vit, point_transformer, ast_tiny, videomae_small, ...) or any "
             "timm ViT name, with its constructor arguments",
         ),

@@ -455,6 +455,7 @@ class ShardDataset(IterableDataset):
         self.drop_last = drop_last
         self.num_classes = num_classes
         self.fields = tuple(fields)
+        self._strict_fields = tuple(dict.fromkeys((*self.fields, LABEL_KEY)))  # a failure to decode skips the sample
 
     @property
     def epoch(self) -> int:
@@ -544,11 +545,11 @@ class ShardDataset(IterableDataset):
             )
         fields = {}
         for name in FIELD_KEYS:  # a field nobody asked for that does not decode is left out, not the sample
-            if name in sample and name not in self.fields and name != LABEL_KEY:
+            if name in sample and name not in self._strict_fields:
                 with contextlib.suppress(UnicodeDecodeError, ValueError):
                     fields[name] = _decode_field(name, sample[name])
         try:
-            for name in {*self.fields, LABEL_KEY}:
+            for name in self._strict_fields:
                 if name in sample:
                     fields[name] = _decode_field(name, sample[name])
             item = codec.decode(sample[media_key], media_key, key)

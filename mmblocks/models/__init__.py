@@ -8,7 +8,7 @@ from .base import Backbone, BackboneBase, check_backbone
 from .causal_vit import CAUSAL_VIT_PRESETS, CausalViT, causal_vit
 from .encoder import LLMStage, MMEncoder
 from .point_transformer import PointTransformer
-from .registry import BACKBONES, create_backbone, list_backbones, register_backbone, resolve_backbone
+from .registry import BACKBONES, builder_args, create_backbone, list_backbones, register_backbone, resolve_backbone
 from .videomae import (
     VIDEOMAE_PRESETS,
     VIDEOMAE_TUBELETS,
@@ -22,6 +22,7 @@ __all__ = [
     "AST_PRESETS",
     "AST_TOKENIZER",
     "BACKBONES",
+    "builder_args",
     "CAUSAL_VIT_PRESETS",
     "VIDEOMAE_PRESETS",
     "VIDEOMAE_TUBELETS",

@@ -24,6 +24,7 @@ from tokenizers_mm.registry import Registry, RegistryError
 
 __all__ = [
     "BACKBONES",
+    "builder_args",
     "create_backbone",
     "list_backbones",
     "preset_sizes",
@@ -46,6 +47,13 @@ def register_backbone(
     embeds its input with; `flag`: its constructor argument that turns that tokenizer off (eagerly built ones);
     `any_tokenizer`: whether another tokenizer may feed its blocks."""
     return BACKBONES.register(name, obj, tokenizer=tokenizer, flag=flag, any_tokenizer=any_tokenizer)
+
+
+def builder_args(entry: str) -> tuple[str, ...]:
+    """Constructor arguments of backbone `entry` that the encoder builder sets, not the config: the data's channels
+    and the `flag` that switches its own tokenizer off."""
+    flag = BACKBONES.info(entry)["flag"]
+    return ("in_chans", flag) if flag else ("in_chans",)
 
 
 def list_backbones() -> list[str]:
