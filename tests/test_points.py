@@ -173,7 +173,7 @@ def test_tokenizer_padding_equals_unpadded_in_eval():
     ("points", "kw", "match"),
     [
         (torch.rand(1, 20, 3), {}, "fewer than"),
-        (torch.rand(1, 100, 4), {}, r"points must be \[B, P, 3\]"),
+        (torch.rand(1, 100, 4), {}, r"points expects points \[B, P, 3\], got shape \(1, 100, 4\)"),
         (torch.full((1, 100, 3), float("nan")), {}, "NaN"),
     ],
 )

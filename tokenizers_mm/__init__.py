@@ -4,6 +4,7 @@ This package never imports `adapters` or `mmblocks` (dependencies flow tokenizer
 """
 
 from .audio import AudioFrames, AudioPatches, fbank, fbank_with_lengths
+from .checks import check_input
 from .image import ImagePatches
 from .motion import KeyframeMotion, MotionTokens, block_matching
 from .points import PointGroups, farthest_point_sample, knn_group
@@ -12,6 +13,7 @@ from .tokens import Tokens
 from .video import VideoTubelets, normalize_frames
 
 __all__ = [
+    "check_input",
     "AudioFrames",
     "AudioPatches",
     "ImagePatches",

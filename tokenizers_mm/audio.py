@@ -24,6 +24,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import nn
 from torchaudio.compliance import kaldi as _kaldi
 
+from .checks import check_input
 from .registry import register_tokenizer
 from .tokens import Tokens
 
@@ -34,6 +35,8 @@ _MS = 0.001
 _EPS = float(torch.finfo(torch.float32).eps)
 # CPU chunk size (elements of the [rows, T, padded_window] frame tensor) that keeps intermediates in cache.
 _CPU_CHUNK_ELEMS = 1 << 20
+#: A 2-D waveform whose last dimension is at most this and smaller than the first looks channels-last ``[S, C]``.
+_MAX_CHANNELS = 8
 
 
 def _frame_sizes(sample_frequency: float, frame_length: float, frame_shift: float, round_pow2: bool):
@@ -85,18 +88,24 @@ def _window(window_type: str, size: int, blackman_coeff: float, device, dtype) -
     return _kaldi._feature_window_function(window_type, size, blackman_coeff, device, dtype)
 
 
-def _check_waveform(waveform: torch.Tensor) -> torch.Tensor:
-    if not isinstance(waveform, torch.Tensor):
-        raise TypeError(f"waveform must be a torch.Tensor, got {type(waveform).__name__}")
-    if waveform.dim() == 1:
-        waveform = waveform.unsqueeze(0)
-    if waveform.dim() != 2:
+def _check_waveform(waveform: torch.Tensor, name: str = "fbank", allow_nonfinite: bool = True) -> torch.Tensor:
+    """A mono waveform ``[S]`` or ``[B, S]`` as ``[B, S]`` (`check_input`: a tensor, not empty, floating point; NaN /
+    inf refused unless `allow_nonfinite`); a ``[S, C]`` that looks channels-last is refused with the layout."""
+    layout = "a mono waveform [B, S] or [S]"
+    waveform = check_input(
+        waveform,
+        name,
+        layout,
+        ndim=(1, 2),
+        allow_nonfinite=allow_nonfinite,
+        integer_hint="convert it to float in [-1, 1] first (int16 PCM: x.float() / 32768)",
+    )
+    if waveform.dim() == 2 and waveform.shape[1] <= _MAX_CHANNELS < waveform.shape[0]:
         raise ValueError(
-            f"waveform must be [S] or [B, S] (mono; mix or pick a channel first), got shape {tuple(waveform.shape)}"
+            f"{name} expects {layout}; shape {tuple(waveform.shape)} looks like {waveform.shape[1]}-channel audio "
+            f"[S, C] (channels last): mix it down (x.mean(-1)) or pick a channel (x[:, 0]) first"
         )
-    if not waveform.is_floating_point():
-        raise TypeError(f"waveform must be a floating-point tensor (e.g. float32 in [-1, 1]), got {waveform.dtype}")
-    return waveform
+    return waveform if waveform.dim() == 2 else waveform.unsqueeze(0)
 
 
 def fbank_with_lengths(
@@ -332,9 +341,10 @@ def _prepare_waveform(
     expected: float,
     resample: bool,
     name: str,
+    allow_nonfinite: bool = False,
 ):
-    """Check the sample rate; resample (and rescale ``lengths``) if allowed."""
-    waveform = _check_waveform(waveform)
+    """Check the waveform (`_check_waveform`) and the sample rate; resample (and rescale ``lengths``) if allowed."""
+    waveform = _check_waveform(waveform, name, allow_nonfinite)
     if sample_rate is None or float(sample_rate) == float(expected):
         return waveform, lengths
     if not resample:
@@ -381,6 +391,7 @@ class AudioPatches(nn.Module):
         subtract_waveform_mean: remove each waveform's mean first (AST does; Kaldi's per-frame DC removal
             makes this nearly a no-op).
         fbank_kwargs: overrides of the fbank arguments.
+        allow_nonfinite: let NaN / infinite input through instead of raising (`tokenizers_mm.checks.check_input`).
 
     `forward(audio, lengths=None, sample_rate=None, target_frames=None, mask=None)`: ``audio`` is a waveform
     ``[B, S]`` (``lengths`` = real samples per row, or ``mask [B, S]``, the loader's right-padding mask) or a
@@ -413,8 +424,10 @@ class AudioPatches(nn.Module):
         resample: bool = False,
         subtract_waveform_mean: bool = True,
         fbank_kwargs: dict | None = None,
+        allow_nonfinite: bool = False,
     ):
         super().__init__()
+        self.allow_nonfinite = allow_nonfinite
         if pos_embed not in ("learned", "none"):
             raise ValueError(f"pos_embed must be 'learned' or 'none', got {pos_embed!r}")
         if num_mel_bins < patch_size or target_frames < patch_size:
@@ -457,7 +470,7 @@ class AudioPatches(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (unnormalised, unpadded) AST fbank ``[B, T, F]`` and valid frame counts ``[B]``."""
         waveform, lengths = _prepare_waveform(
-            waveform, lengths, sample_rate, self.sample_rate, self.resample, "audio_patches"
+            waveform, lengths, sample_rate, self.sample_rate, self.resample, "audio_patches", self.allow_nonfinite
         )
         if self.subtract_waveform_mean:
             if lengths is None:
@@ -494,14 +507,10 @@ class AudioPatches(nn.Module):
         if target < self.patch_size:
             raise ValueError(f"target_frames ({target}) must be >= patch_size ({self.patch_size})")
         if isinstance(audio, torch.Tensor) and audio.dim() == 3:
+            layout = f"a fbank [B, T, {self.num_mel_bins}] or a waveform [B, S]"
+            feats = check_input(audio, "audio_patches", layout, ndim=3, allow_nonfinite=self.allow_nonfinite)
             if audio.shape[-1] != self.num_mel_bins:
-                raise ValueError(
-                    f"audio_patches expects a fbank [B, T, {self.num_mel_bins}] or a waveform [B, S], "
-                    f"got shape {tuple(audio.shape)}"
-                )
-            if not audio.is_floating_point():
-                raise TypeError(f"fbank must be floating point, got {audio.dtype}")
-            feats = audio
+                raise ValueError(f"audio_patches expects {layout}, got shape {tuple(audio.shape)}")
             b, t = feats.shape[:2]
             frame_lengths = (
                 torch.full((b,), t, device=feats.device)
@@ -554,7 +563,8 @@ class AudioFrames(nn.Module):
     Returns `Tokens` with ``grid (T // stack,)``, ``pos [B, N, 1]`` = start
     time in seconds of each token's first frame, ``modality "audio"`` and ``mask``: a token is real iff its first
     frame is a real frame (``i * stack < valid_frames``), i.e. False only for tokens made entirely of padding.
-    Another ``sample_rate`` raises ``ValueError`` unless ``resample=True``.
+    Another ``sample_rate`` raises ``ValueError`` unless ``resample=True``. Any floating dtype is accepted; empty
+    batches, channels-last ``[S, C]`` waveforms and NaN / inf values (unless ``allow_nonfinite``) are errors.
     """
 
     def __init__(
@@ -566,8 +576,10 @@ class AudioFrames(nn.Module):
         sample_rate: int = 16000,
         resample: bool = False,
         fbank_kwargs: dict | None = None,
+        allow_nonfinite: bool = False,
     ):
         super().__init__()
+        self.allow_nonfinite = allow_nonfinite
         if stack < 1:
             raise ValueError(f"stack must be >= 1, got {stack}")
         self.stack = stack
@@ -587,9 +599,10 @@ class AudioFrames(nn.Module):
     ) -> Tokens:
         lengths = _lengths_from_mask(lengths, mask)
         if isinstance(audio, torch.Tensor) and audio.dim() == 3:
+            layout = f"a fbank [B, T, {self.feat_dim}] or a waveform [B, S]"
+            feats = check_input(audio, "audio_frames", layout, ndim=3, allow_nonfinite=self.allow_nonfinite)
             if audio.shape[-1] != self.feat_dim:
-                raise ValueError(f"audio_frames expects a fbank [B, T, {self.feat_dim}], got {tuple(audio.shape)}")
-            feats = audio
+                raise ValueError(f"audio_frames expects {layout}, got shape {tuple(audio.shape)}")
             frame_lengths = (
                 torch.full((audio.shape[0],), audio.shape[1], device=audio.device)
                 if lengths is None
@@ -597,7 +610,7 @@ class AudioFrames(nn.Module):
             )
         else:
             wav, lengths = _prepare_waveform(
-                audio, lengths, sample_rate, self.sample_rate, self.resample, "audio_frames"
+                audio, lengths, sample_rate, self.sample_rate, self.resample, "audio_frames", self.allow_nonfinite
             )
             feats, frame_lengths = fbank_with_lengths(wav, self.sample_rate, lengths, **self.fbank_kwargs)
         b, t, f = feats.shape

@@ -10,6 +10,7 @@ from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import nn
 
+from .checks import check_input
 from .registry import register_tokenizer
 from .tokens import Tokens
 
@@ -21,17 +22,40 @@ ClsPosition = Literal["first", "last"]
 CLS_POSITIONS: tuple[str, ...] = get_args(ClsPosition)
 
 
-def check_images(images: torch.Tensor, in_chans: int, patch_size: tuple[int, int], name: str) -> None:
-    """Clear errors for input a patch tokenizer cannot take: not ``[B, C, H, W]``, wrong channels, a size that is not
-    a multiple of the patch."""
-    if images.dim() != 4:
-        raise ValueError(f"{name} expects images [B, C, H, W], got shape {tuple(images.shape)}")
+#: How to turn uint8 pixels into what a patch tokenizer takes.
+UINT8_HINT = (
+    "convert and scale it first, e.g. images.float().div(255), then normalise with the model's mean and std "
+    "(the mmblocks loader does both)"
+)
+
+
+def check_images(
+    images: torch.Tensor,
+    in_chans: int,
+    patch_size: tuple[int, int],
+    name: str,
+    *,
+    dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
+) -> torch.Tensor:
+    """`images` checked (`check_input`: layout, empty batch, dtype, NaN/inf) and cast to `dtype`, with clear errors for
+    the wrong channels or a size that is not a multiple of the patch."""
+    images = check_input(
+        images,
+        name,
+        "images [B, C, H, W]",
+        ndim=4,
+        dtype=dtype,
+        allow_nonfinite=allow_nonfinite,
+        integer_hint=UINT8_HINT,
+    )
     if images.shape[1] != in_chans:
         raise ValueError(f"{name} expects {in_chans} channels, got {images.shape[1]}")
     if images.shape[2] % patch_size[0] or images.shape[3] % patch_size[1]:
         raise ValueError(
             f"image size {tuple(images.shape[2:])} is not a multiple of the patch size {tuple(patch_size)}"
         )
+    return images
 
 
 @register_tokenizer("image_patches")
@@ -60,10 +84,11 @@ class ImagePatches(nn.Module):
         no_embed_class: positions only for patch tokens (DeiT-3 style) instead of the prefix too.
         bias: conv bias.
         cls_position: ``first`` (timm, ViT) or ``last`` (iLLaMA; one class token, no registers).
+        allow_nonfinite: let NaN / infinite pixels through instead of raising (`tokenizers_mm.checks.check_input`).
 
-    Input ``[B, C, H, W]`` -> `Tokens` with ``x [B, P + h*w, D]``, ``grid (h, w)``, ``num_prefix P`` (or
-    ``num_suffix 1`` with the cls last), ``pos [B, N, 2]`` = (row, col) patch centres in patch units; special tokens
-    sit at (-1, -1).
+    Input ``[B, C, H, W]``, any floating dtype (cast to the weights'), B >= 1 -> `Tokens` with ``x [B, P + h*w, D]``,
+    ``grid (h, w)``, ``num_prefix P`` (or ``num_suffix 1`` with the cls last), ``pos [B, N, 2]`` = (row, col) patch
+    centres in patch units; special tokens sit at (-1, -1).
     """
 
     def __init__(
@@ -78,8 +103,10 @@ class ImagePatches(nn.Module):
         no_embed_class: bool = False,
         bias: bool = True,
         cls_position: ClsPosition = "first",
+        allow_nonfinite: bool = False,
     ):
         super().__init__()
+        self.allow_nonfinite = allow_nonfinite
         if pos_embed not in POS_EMBED_KINDS:
             raise ValueError(f"pos_embed must be one of {POS_EMBED_KINDS}, got {pos_embed!r}")
         if num_registers < 0:
@@ -188,7 +215,14 @@ class ImagePatches(nn.Module):
 
     def forward(self, images: torch.Tensor) -> Tokens:
         """``images [B, C, H, W]`` -> `Tokens` ``[B, P + h*w, D]`` (H, W multiples of the patch size)."""
-        check_images(images, self.in_chans, self.patch_embed.patch_size, "image_patches")
+        images = check_images(
+            images,
+            self.in_chans,
+            self.patch_embed.patch_size,
+            "image_patches",
+            dtype=self.patch_embed.proj.weight.dtype,
+            allow_nonfinite=self.allow_nonfinite,
+        )
         x = self.patch_embed(images)  # [B, h, w, D]
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)

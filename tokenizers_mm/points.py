@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checks import check_input
 from .registry import register_tokenizer
 from .tokens import Tokens
 
@@ -370,8 +371,13 @@ class PointGroups(nn.Module):
         return centre_positions(self.pos_mlp, self.cls_pos, tokens)
 
     def forward(self, points: torch.Tensor, mask: torch.Tensor | None = None) -> Tokens:
-        if points.dim() != 3 or points.shape[-1] != self.in_channels:
-            raise ValueError(f"points must be [B, P, {self.in_channels}], got {tuple(points.shape)}")
+        layout = f"points [B, P, {self.in_channels}]"
+        # any float dtype is cast to the weights'; NaN / inf are refused by `group_points` (no FPS through them)
+        points = check_input(
+            points, "points", layout, ndim=3, dtype=self.encoder.first[0].weight.dtype, allow_nonfinite=True
+        )
+        if points.shape[-1] != self.in_channels:
+            raise ValueError(f"points expects {layout}, got shape {tuple(points.shape)}")
         need = max(self.num_groups, self.group_size)
         real = int(mask.sum(1).min()) if mask is not None else points.shape[1]
         if real < need:

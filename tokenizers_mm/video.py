@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
+from .checks import check_input
 from .registry import register_tokenizer
 from .tokens import Tokens
 
@@ -131,6 +132,7 @@ class VideoTubelets(nn.Module):
             on the training grid, trilinearly resampled for other grids) or ``none``.
         class_token: prepend a learned cls token (VideoMAE has none; the cls token gets no position).
         bias: conv bias.
+        allow_nonfinite: let NaN / infinite frames through instead of raising (`tokenizers_mm.checks.check_input`).
 
     ``forward(frames [B, T, C, H, W], mask=None, motion=None)`` -> `Tokens` with ``x [B, P + T'*H'*W', D]``,
     ``grid (T', H', W') = (T / tubelet, H / patch, W / patch)``, ``pos [B, N, 3]`` = (t, row, col) of each tubelet in
@@ -152,8 +154,10 @@ class VideoTubelets(nn.Module):
         pos_embed: str = "sincos",
         class_token: bool = False,
         bias: bool = True,
+        allow_nonfinite: bool = False,
     ):
         super().__init__()
+        self.allow_nonfinite = allow_nonfinite
         if pos_embed not in POS_EMBED_KINDS:
             raise ValueError(f"pos_embed must be one of {POS_EMBED_KINDS}, got {pos_embed!r}")
         self.img_size = _pair(img_size)
@@ -252,15 +256,15 @@ class VideoTubelets(nn.Module):
         self, frames: torch.Tensor, mask: torch.Tensor | None = None, motion: torch.Tensor | None = None
     ) -> Tokens:
         """``frames [B, T, C, H, W]`` float (normalised), optional frame ``mask [B, T]`` -> `Tokens`."""
-        if not isinstance(frames, torch.Tensor) or frames.dim() != 5:
-            raise ValueError(
-                f"video_tubelets expects frames [B, T, C, H, W], got shape {tuple(getattr(frames, 'shape', ()))}"
-            )
-        if not frames.is_floating_point():
-            raise TypeError(
-                f"video_tubelets expects normalised float frames, got {frames.dtype}; "
-                "use tokenizers_mm.video.normalize_frames on uint8 frames"
-            )
+        frames = check_input(
+            frames,
+            "video_tubelets",
+            "frames [B, T, C, H, W]",
+            ndim=5,
+            dtype=self.proj.weight.dtype,
+            allow_nonfinite=self.allow_nonfinite,
+            integer_hint="use tokenizers_mm.video.normalize_frames on uint8 frames",
+        )
         b, t, c, h, w = frames.shape
         if c != self.in_chans:
             raise ValueError(

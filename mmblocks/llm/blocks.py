@@ -338,6 +338,11 @@ class LLMBlocks(nn.Module):
             raise ValueError(
                 f"LLMBlocks expects Tokens or a [B, N, D] tensor, got {getattr(hidden, 'shape', type(hidden))}"
             )
+        if hidden.shape[0] == 0 or hidden.shape[1] == 0:
+            raise ValueError(
+                f"LLMBlocks got an empty batch {tuple(hidden.shape)}: expected [B, N, D] with B >= 1 samples and "
+                "N >= 1 tokens"
+            )
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"input width {hidden.shape[-1]} does not match the LLM hidden size {self.hidden_size} "
