@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 FLOORS: list[tuple[str, ...]] = [
     ("tokenizers_mm",),
     ("adapters",),
-    ("mmblocks.errors", "mmblocks.params"),
+    ("mmblocks.errors", "mmblocks.params", "mmblocks.safe_load"),
     ("mmblocks.layers",),
     ("mmblocks.llm", "mmblocks.heads", "mmblocks.data"),
     ("mmblocks.models", "mmblocks.tasks"),

@@ -32,6 +32,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from ..errors import MMBlocksError
+from ..safe_load import torch_load
 
 __all__ = [
     "OfflineModel",
@@ -324,8 +325,8 @@ def _folder_source(folder: Path, label: str) -> ResolvedSource:
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if bins:
         sd: dict[str, torch.Tensor] = {}
-        for b in bins:  # mmap: tensors are paged in only when read; weights_only: no code runs
-            sd.update(torch.load(b, map_location="cpu", weights_only=True, mmap=True))
+        for b in bins:  # weights only (no code runs); memory-mapped unless a legacy non-zip file
+            sd.update(torch_load(b, error=SourceError))
         return ResolvedSource(config, StateDictReader(sd), label, "torch", folder)
     raise SourceError(
         f"{folder} has config.json but no weights: expected model.safetensors, "

@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import random
 import re
 import shutil
@@ -45,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import MMBlocksError
+from ..safe_load import torch_load
 
 __all__ = [
     "CHECKPOINT_FILES",
@@ -54,6 +54,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "WeightsMismatchError",
     "capture_rng",
+    "checkpoint_info",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -477,15 +478,7 @@ def _resolve(path: Path) -> Path:
 def _torch_load(file: Path, map_location: Any) -> Any:
     if not file.is_file():
         raise CheckpointNotFoundError(f"checkpoint file is missing: {file}")
-    try:
-        return torch.load(file, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refusing to load {file}: it is not a weights-only file (it holds objects other than tensors and "
-            f"primitive containers, or is corrupt). Details: {str(e).splitlines()[0]}"
-        ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {file}: corrupt or truncated ({type(e).__name__}: {e})") from e
+    return torch_load(file, map_location=map_location, mmap=False, error=CheckpointError)
 
 
 def _read_state(folder: Path) -> dict:
@@ -509,6 +502,14 @@ def _read_state(folder: Path) -> dict:
         if f.stat().st_size != size:
             raise CheckpointError(f"{f} is truncated or modified: {f.stat().st_size} bytes, expected {size}")
     return state
+
+
+def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``state.json`` of the checkpoint at `path` (a ``step-*`` folder or a checkpoints folder: its latest),
+    checked like `load_checkpoint` checks it (format, version, every file present with its recorded size), with
+    ``path`` added; no tensor is read."""
+    folder = _resolve(Path(path))
+    return {**_read_state(folder), "path": folder}
 
 
 def load_checkpoint(
