@@ -68,7 +68,7 @@ def test_points_batches_are_padded_with_a_mask_and_keep_the_stored_values(point_
         torch.testing.assert_close(batch.inputs[i, :n], torch.from_numpy(cloud), rtol=0, atol=0)
         assert (batch.inputs[i, n:] == 0).all()
     stats = loader.stats
-    assert stats["skipped"] == 2 and stats["samples"] == 6
+    assert stats["corrupt"] == 2 and stats["samples"] == 6
     assert any("nan" in r and "non-finite" in r for r in stats["reasons"])
     assert any("garbage" in r for r in stats["reasons"])
 
@@ -148,7 +148,7 @@ def test_audio_batches_resample_pad_and_mask(audio_shards):
     assert (batch.inputs[2, 100:] == 0).all() and (batch.inputs[2, :100] != 0).any()
     stereo = soundfile.read(io.BytesIO(_flac(*waves["e_stereo"])), dtype="float32")[0]
     torch.testing.assert_close(batch.inputs[4, :3000], torch.from_numpy(stereo.mean(1)))
-    assert loader.stats["skipped"] == 1 and "f_corrupt" in loader.stats["reasons"][0]
+    assert loader.stats["corrupt"] == 1 and "f_corrupt" in loader.stats["reasons"][0]
     # silent and short clips tokenize to finite tokens; the loader's mask reaches the tokenizer
     tokens = create_tokenizer("audio_frames", stack=2)(batch.inputs, mask=batch.mask)
     assert torch.isfinite(tokens.x).all()
@@ -202,7 +202,7 @@ def test_video_batches_normalise_frames_pad_with_a_frame_mask_and_carry_codec_mo
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     pixels = batch.inputs[0, 0] * std + mean
     assert abs(float(pixels[:, 2, 2].mean()) - 40 / 255) < 0.03  # background survives the codec
-    assert loader.stats["skipped"] == 1 and "bad" in loader.stats["reasons"][0]
+    assert loader.stats["corrupt"] == 1 and "bad" in loader.stats["reasons"][0]
     tok = create_tokenizer("video_tubelets", img_size=48, num_frames=8, patch_size=16, embed_dim=32)
     tokens = tok(batch.inputs, mask=batch.mask)
     assert tokens.grid == (4, 3, 3) and tokens.mask.sum(1).tolist() == [36, 27]

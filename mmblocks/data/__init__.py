@@ -32,7 +32,16 @@ from .codecs import (
 )
 from .datasets import TEXTURE_PHOTOS, digits_splits, make_digits, make_textures, texture_splits
 from .keywords import ENGLISH_VOICES, KEYWORDS, VARIANTS, EspeakNotFoundError, keyword_voice_splits, make_keywords
-from .loader import Batch, MissingKeyError, ShardDataset, ShardLoader, ShardSource, build_loader, resolve_shards
+from .loader import (
+    LOSS_CAUSES,
+    Batch,
+    MissingKeyError,
+    ShardDataset,
+    ShardLoader,
+    ShardSource,
+    build_loader,
+    resolve_shards,
+)
 from .meshes import MESH_CATEGORIES, make_meshes
 from .moving_digits import DIRECTIONS, make_moving_digits
 from .registry import DATASETS, list_datasets, make_dataset, register_dataset
@@ -66,6 +75,7 @@ from .transforms import (
 )
 
 __all__ = [
+    "LOSS_CAUSES",
     "CODECS",
     "AudioCodec",
     "ImageCodec",

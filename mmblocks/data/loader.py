@@ -50,14 +50,19 @@ Shuffling: shard order as above, then a sample buffer of ``shuffle_buffer`` raw 
 ``(seed, epoch, slot)``; augmentation draws from a torch RNG seeded the same way (swapped in around each batch, so
 the caller's global RNG is untouched with ``num_workers=0``). Same seed and epoch: the same batches, bit for bit.
 
-Bad data. A sample whose image or label cannot be decoded (truncated or invalid bytes) is skipped and counted; a
-shard that cannot be read to its end (truncated, bad header checksum), or that holds fewer samples than
-``index.json`` says, counts as a ``shard_error`` (the sample being read when it broke is skipped). Counts
-travel from the workers to the main process with the batches (each batch carries the counts since the previous
-one, each worker ends with a counts-only item), so `ShardLoader.stats` is exact for any ``num_workers`` and
-live during the epoch; a warning with the first reasons is logged at the end of an epoch that skipped anything.
-A sample without its media key, or without a field listed in ``fields``, is not bad data but a wrong dataset:
-`MissingKeyError` names the key, the sample and the shard.
+Bad data: nothing is lost without being counted. A sample is lost, skipped and counted by cause
+(`LOSS_CAUSES`): ``corrupt`` when its media or a required field does not decode (truncated or invalid bytes,
+non-finite points, an unparsable label); ``missing_key`` when it lacks its media key or a field listed in
+``fields``; ``shard_lost`` when its shard cannot be read to its end (truncated, bad header checksum) or ends early:
+the samples ``index.json`` says the shard held minus those read (without counts, the one being read when it broke),
+and the shard is one ``shard_error``. Counts travel from the workers to the main process with the batches (each
+batch carries the counts since the previous one, each worker ends with a counts-only item), so `ShardLoader.stats`
+is exact for any ``num_workers`` and live during the epoch; once an epoch is complete, ``samples + lost +
+dropped == expected`` (the samples the index assigns this rank). A warning with the first reasons is logged at the
+end of an epoch that lost anything, and `ShardLoader.check_losses` enforces ``max_lost_fraction``. A split that
+cannot be the right dataset (``index.json`` shows no sample carries a required key) is a `MissingKeyError` before
+any worker starts; errors about the data found in a worker are raised in the main process without the worker's
+traceback.
 """
 
 from __future__ import annotations
@@ -82,12 +87,13 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
-from ..errors import MMBlocksError
+from ..errors import DataError, MMBlocksError
 from .codecs import RawInputs, SampleCodec, create_codec
 from .schema import FIELD_KEYS, INDEX_NAME, LABEL_KEY, TEXT_KEY, DatasetIndex, ShardIndexError, read_index
 from .tario import iter_samples, open_shard
 
 __all__ = [
+    "LOSS_CAUSES",
     "Batch",
     "MissingKeyError",
     "ShardDataset",
@@ -349,12 +355,21 @@ def slot_sizes(counts: Sequence[int], order: Sequence[int], num_slots: int, part
 # --------------------------------------------------------------------------------------------------- dataset
 
 
+#: How a sample can be lost, as counted in `ShardLoader.stats`: its media or a required field did not decode
+#: (``corrupt``), it lacked a required key (``missing_key``), or its shard could not be read to the end
+#: (``shard_lost``: the samples ``index.json`` says the shard held but were never read).
+LOSS_CAUSES = ("corrupt", "missing_key", "shard_lost")
+_COUNTS = ("samples", *LOSS_CAUSES, "shard_errors", "dropped")
+
+
 @dataclass
 class _Stats:
     samples: int = 0
-    skipped: int = 0
-    dropped: int = 0
+    corrupt: int = 0
+    missing_key: int = 0
+    shard_lost: int = 0
     shard_errors: int = 0
+    dropped: int = 0
     reasons: list[str] = field(default_factory=list)
     reported: int = 0
 
@@ -362,16 +377,15 @@ class _Stats:
         if len(self.reasons) + self.reported < _MAX_REASONS:
             self.reasons.append(reason)
 
-    def take(self) -> dict[str, Any]:
-        delta = {
-            "samples": self.samples,
-            "skipped": self.skipped,
-            "dropped": self.dropped,
-            "shard_errors": self.shard_errors,
-            "reasons": self.reasons,
-        }
+    def take(self, error: BaseException | None = None) -> dict[str, Any]:
+        """The counts since the last `take` (reset here), and `error` when the worker stops on one."""
+        delta: dict[str, Any] = {k: getattr(self, k) for k in _COUNTS}
+        delta["reasons"] = self.reasons
+        if error is not None:
+            delta["error"] = error
         self.reported += len(self.reasons)
-        self.samples = self.skipped = self.dropped = self.shard_errors = 0
+        for k in _COUNTS:
+            setattr(self, k, 0)
         self.reasons = []
         return delta
 
@@ -471,9 +485,10 @@ class ShardDataset(IterableDataset):
     ) -> Iterator[dict[str, Any]]:
         """The raw samples of one shard (`tario.iter_samples`).
 
-        A read error (truncated shard, bad header) ends the shard: one ``shard_error``, and the sample in progress
-        counts as skipped. A shard that ends cleanly with fewer samples than its `expected` count (``index.json``)
-        is a shard error too. Several slots may read one shard; only its `owner` counts, so counts add up."""
+        A shard that cannot be read to its end (truncated, bad header) or that ends with fewer samples than its
+        `expected` count (``index.json``) is one ``shard_error``, and the samples it did not give are
+        ``shard_lost``: ``expected`` minus those read, or, without a count, the one being read when it broke.
+        Several slots may read one shard; only its `owner` counts, so counts add up."""
         n = 0
         try:
             with open_shard(url) as stream:
@@ -485,13 +500,15 @@ class ShardDataset(IterableDataset):
         except OSError as exn:  # TarReadError and I/O errors
             if owner:
                 stats.shard_errors += 1
-                stats.skipped += getattr(exn, "lost", 0)
+                stats.shard_lost += expected - n if expected is not None else getattr(exn, "lost", 0)
                 message = str(exn) if str(exn).startswith(url) else f"{url}: {exn}"
-                stats.note(f"{type(exn).__name__}: {message}")
+                held = "" if expected is None else f" (read {n} of the {expected} samples index.json lists)"
+                stats.note(f"{type(exn).__name__}: {message}{held}")
             return
         if owner and expected is not None and n < expected:
             stats.shard_errors += 1
-            stats.note(f"{url}: ended after {n} of {expected} samples")
+            stats.shard_lost += expected - n
+            stats.note(f"{url}: ended after {n} of the {expected} samples index.json lists")
 
     def _epoch_samples(self, epoch: int, slot: int, num_slots: int, stats: _Stats) -> Iterator[dict[str, Any]]:
         urls, counts = self.source.urls, self.source.counts
@@ -535,14 +552,12 @@ class ShardDataset(IterableDataset):
         codec = self.codec
         media_key = next((k for k in codec.keys if k in sample), None)
         missing = next((f for f in self.fields if f not in sample), None)
-        if media_key is None or missing is not None:
+        if media_key is None or missing is not None:  # lost and counted (a split without the key failed earlier)
             present = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "none"
             what = f"{codec.modality} key (one of {', '.join(codec.keys)})" if media_key is None else f"key {missing!r}"
-            why = {LABEL_KEY: " (cls is the class label)", TEXT_KEY: " (txt is the caption or transcript)"}
-            raise MissingKeyError(
-                f"missing {what} in sample {key!r} of shard {url}; the sample has: {present}"
-                + ("" if media_key is None else why.get(missing, ""))
-            )
+            stats.missing_key += 1
+            stats.note(f"{key} in {url}: missing {what}; the sample has: {present}")
+            return None
         fields = {}
         for name in FIELD_KEYS:  # a field nobody asked for that does not decode is left out, not the sample
             if name in sample and name not in self._strict_fields:
@@ -555,13 +570,14 @@ class ShardDataset(IterableDataset):
             item = codec.decode(sample[media_key], media_key, key)
         except Exception as exn:  # truncated/invalid media, unparsable label or required field: skip and count
             cause = exn.__cause__ or exn
-            stats.skipped += 1
+            stats.corrupt += 1
             stats.note(f"{key} in {url}: {type(cause).__name__}: {cause}")
             return None
         label = fields.pop(LABEL_KEY, None)
         if label is not None and self.num_classes is not None and not 0 <= label < self.num_classes:
-            raise ValueError(
-                f"label {label!r} of sample {key!r} in shard {url} is outside 0..{(self.num_classes or 0) - 1}"
+            raise DataError(
+                f"label {label!r} of sample {key!r} in shard {url} is outside 0..{(self.num_classes or 0) - 1}, the "
+                "classes index.json lists"
             )
         return _Item(item, label, key, fields)
 
@@ -576,10 +592,21 @@ class ShardDataset(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[tuple[_RawBatch | None, dict[str, Any]]]:
+        """``(raw batch, counts since the last item)`` pairs, then ``(None, counts)``. A user-facing error (wrong
+        data, not a bug) travels as ``counts["error"]`` so that the main process raises it without the worker's
+        traceback around it."""
+        stats = _Stats()
+        try:
+            yield from self._batches(stats)
+        except MMBlocksError as exn:
+            yield None, stats.take(exn)
+            return
+        yield None, stats.take()
+
+    def _batches(self, stats: _Stats) -> Iterator[tuple[_RawBatch, dict[str, Any]]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
-        stats = _Stats()
         epoch = self.epoch  # read once: set_epoch() during an iteration affects the next one
         if self.resampled:
             raw = self._resampled_samples(epoch, slot, stats)
@@ -616,7 +643,6 @@ class ShardDataset(IterableDataset):
                 stats.dropped += len(items)
             if len(items) < self.batch_size:
                 break
-        yield None, stats.take()
 
 
 # ---------------------------------------------------------------------------------------------------- loader
@@ -640,8 +666,12 @@ class ShardLoader:
         multiprocessing_context: Any = None,
         timeout: float = 0,
         persistent_workers: bool = True,
+        max_lost_fraction: float | None = None,
     ):
+        if max_lost_fraction is not None and not 0 <= max_lost_fraction <= 1:
+            raise ValueError(f"max_lost_fraction must be in [0, 1] or None, got {max_lost_fraction!r}")
         self.dataset = dataset
+        self.max_lost_fraction = max_lost_fraction
         self.num_workers = num_workers
         self.persistent_workers = persistent_workers and num_workers > 0
         self._loader: DataLoader | None = None
@@ -688,18 +718,31 @@ class ShardLoader:
     def _fresh_stats(self) -> dict[str, Any]:
         return {
             "epoch": self.dataset.epoch,
-            "samples": 0,
-            "skipped": 0,
-            "dropped": 0,
-            "shard_errors": 0,
+            **dict.fromkeys(_COUNTS, 0),
+            "lost": 0,
+            "expected": self.expected_samples(),
             "complete": False,
             "reasons": [],
         }
 
+    def expected_samples(self) -> int | None:
+        """The samples this rank's slots are assigned in the current epoch by ``index.json``'s counts (the
+        delivered plus the lost ones, once an epoch is complete); None when counts are unknown or resampled."""
+        d = self.dataset
+        counts = d.source.counts
+        if counts is None or d.resampled:
+            return None
+        workers = max(1, self.num_workers)
+        order = shard_order(len(counts), seed=d.seed, epoch=d.epoch, shuffle=d.shuffle)
+        sizes = slot_sizes(counts, order, d.world_size * workers, d.partition)
+        return sum(sizes[d.rank * workers : (d.rank + 1) * workers])
+
     @property
     def stats(self) -> dict[str, Any]:
-        """This rank's counts for the current (live) or last epoch: ``samples`` delivered, ``skipped`` (corrupt),
-        ``dropped`` (``drop_last`` remainders), ``shard_errors``, ``complete``, and the first few skip ``reasons``."""
+        """This rank's counts for the current (live) or last epoch: ``samples`` delivered; the ``lost`` ones by
+        cause (`LOSS_CAUSES`: ``corrupt``, ``missing_key``, ``shard_lost``); ``shard_errors`` (shards that broke);
+        ``dropped`` (``drop_last`` remainders, not lost); ``expected`` (`expected_samples`); ``complete``; and the
+        first few loss ``reasons``."""
         return {**self._stats, "reasons": list(self._stats["reasons"])}
 
     def global_stats(self) -> dict[str, Any]:
@@ -708,11 +751,51 @@ class ShardLoader:
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):
             return stats
-        keys = ("samples", "skipped", "dropped", "shard_errors")
+        keys = (*_COUNTS, "lost")
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         counts = torch.tensor([stats[k] for k in keys], dtype=torch.long, device=device)
         dist.all_reduce(counts)
-        return {**stats, **dict(zip(keys, counts.tolist()))}
+        expected = None if stats["expected"] is None else self.num_samples
+        return {**stats, **dict(zip(keys, counts.tolist())), "expected": expected}
+
+    def check_losses(self, stats: dict[str, Any]) -> None:
+        """Raise `DataError` when `stats` (`global_stats` of an epoch) lost more than ``max_lost_fraction`` of the
+        epoch's samples (of ``expected``, or of delivered + lost when the counts are unknown)."""
+        if self.max_lost_fraction is None or not stats["lost"]:
+            return
+        total = stats["expected"] or stats["samples"] + stats["lost"]
+        if stats["lost"] > self.max_lost_fraction * total:
+            causes = ", ".join(f"{k} {stats[k]}" for k in LOSS_CAUSES if stats[k])
+            raise DataError(
+                f"epoch {stats['epoch']} of split {self.dataset.source.split!r} lost {stats['lost']} of {total} "
+                f"samples ({stats['lost'] / total:.1%}: {causes}), more than max_lost_fraction="
+                f"{self.max_lost_fraction}; first: {'; '.join(stats['reasons']) or '-'}"
+            )
+
+    def signature(self) -> dict[str, Any]:
+        """What fixes this loader's batches, their order and their number per epoch: the shards (names, counts and
+        sizes from ``index.json``), batch size, reading slots (ranks x workers) and the seeded options. A resumed
+        run must see the same (`mmblocks.train.Trainer` compares it with the checkpoint's)."""
+        d = self.dataset
+        index = d.source.index
+        sizes = None
+        if index is not None and d.source.split in index.splits:
+            sizes = {s.name: s.bytes for s in index.splits[d.source.split].shards}
+        return {
+            "shards": [Path(u).name if not _is_remote(u) else u for u in d.source.urls],
+            "shard_counts": d.source.counts,
+            "shard_bytes": None if sizes is None else [sizes.get(Path(u).name) for u in d.source.urls],
+            "batch_size": d.batch_size,
+            "world_size": d.world_size,
+            "num_workers": self.num_workers,
+            "seed": d.seed,
+            "shuffle": d.shuffle,
+            "shuffle_buffer": d.shuffle_buffer,
+            "resampled": d.resampled,
+            "epoch_samples": d.epoch_samples,
+            "partition": d.partition,
+            "drop_last": d.drop_last,
+        }
 
     def __len__(self) -> int:
         d = self.dataset
@@ -795,9 +878,12 @@ class ShardLoader:
         ok = False
         try:
             for batch, delta in batches:
-                for k in ("samples", "skipped", "dropped", "shard_errors"):
+                for k in _COUNTS:
                     stats[k] += delta[k]
+                stats["lost"] = sum(stats[k] for k in LOSS_CAUSES)
                 stats["reasons"].extend(delta["reasons"][: _MAX_REASONS - len(stats["reasons"])])
+                if "error" in delta:  # wrong data found by a worker: raised here, without the worker's traceback
+                    raise delta["error"]
                 if batch is not None:
                     yield self._finish(batch)
             ok = True
@@ -814,14 +900,16 @@ class ShardLoader:
                 if not ok:
                     self._loader = None
         stats["complete"] = True
-        if stats["skipped"] or stats["shard_errors"]:
+        if stats["lost"] or stats["shard_errors"]:
             logger.warning(
-                "epoch %d (rank %d): skipped %d corrupt sample(s), %d shard read error(s), delivered %d; first: %s",
+                "epoch %d (rank %d): lost %d sample(s) (%s), %d shard read error(s), delivered %d%s; first: %s",
                 stats["epoch"],
                 self.dataset.rank,
-                stats["skipped"],
+                stats["lost"],
+                ", ".join(f"{k} {stats[k]}" for k in LOSS_CAUSES),
                 stats["shard_errors"],
                 stats["samples"],
+                "" if stats["expected"] is None else f" of {stats['expected']}",
                 "; ".join(stats["reasons"]),
             )
 
@@ -877,6 +965,7 @@ def build_loader(
     frame_stride: int = 1,
     motion_vectors: bool = False,
     fields: Sequence[str] | None = None,
+    max_lost_fraction: float | None = None,
 ) -> ShardLoader:
     """A loader over the classification shards of `split` for this rank, for any modality.
 
@@ -912,7 +1001,12 @@ def build_loader(
         num_frames, frame_sampling, frame_stride, motion_vectors: video (`VideoCodec`).
         fields: the sample fields (``cls``, ``txt``, ``json``) every sample must carry; a sample without one is a
             `MissingKeyError` naming it and its shard. Default: ``("cls",)`` when ``index.json`` lists class names,
-            else none. Fields present but not listed are decoded too (``batch.label``, ``batch.fields``).
+            else none. Fields present but not listed are decoded too (``batch.label``, ``batch.fields``). A split
+            whose ``index.json`` entry shows that none of its samples carry one is refused here; a sample without
+            one is lost and counted (``missing_key``).
+        max_lost_fraction: `ShardLoader.check_losses` (which the trainer calls after every epoch) raises when an
+            epoch lost more than this fraction of its samples (corrupt, missing keys, unreadable shards); None:
+            never.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -948,6 +1042,8 @@ def build_loader(
     if stored is not None and stored != codec.modality:
         raise ShardIndexError(f"these shards hold {stored!r} samples, not {codec.modality}")
     names = source.class_names
+    fields = (LABEL_KEY,) if fields is None and names else tuple(fields or ())
+    _check_split_keys(source, codec, fields)
     dataset = ShardDataset(
         source,
         batch_size=batch_size,
@@ -964,7 +1060,7 @@ def build_loader(
         shuffle_initial=shuffle_initial,
         drop_last=drop_last,
         num_classes=None if names is None else len(names),
-        fields=(LABEL_KEY,) if fields is None and names else tuple(fields or ()),
+        fields=fields,
     )
     return ShardLoader(
         dataset,
@@ -973,4 +1069,27 @@ def build_loader(
         prefetch_factor=prefetch_factor,
         multiprocessing_context=multiprocessing_context,
         persistent_workers=persistent_workers,
+        max_lost_fraction=max_lost_fraction,
     )
+
+
+def _check_split_keys(source: ShardSource, codec: SampleCodec, fields: Sequence[str]) -> None:
+    """Refuse a split whose ``index.json`` entry shows that no sample has the media or a required field (the
+    wrong dataset for the task, found before any worker starts)."""
+    index, split = source.index, source.split
+    if index is None or split not in index.splits or not index.splits[split].extensions:
+        return
+    carried = set(index.splits[split].extensions)
+    where = f"split {split!r} of {Path(source.urls[0]).parent / INDEX_NAME}"
+    if not carried.intersection(codec.keys):
+        raise MissingKeyError(
+            f"{where}: its samples carry {', '.join(sorted(carried))}, no {codec.modality} key "
+            f"(one of {', '.join(codec.keys)})"
+        )
+    missing = [f for f in fields if f not in carried]
+    if missing:
+        why = {LABEL_KEY: " (cls is the class label)", TEXT_KEY: " (txt is the caption or transcript)"}
+        raise MissingKeyError(
+            f"{where}: the task needs {missing[0]!r}{why.get(missing[0], '')} but the samples carry only "
+            f"{', '.join(sorted(carried))}"
+        )
