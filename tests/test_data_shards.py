@@ -127,8 +127,11 @@ def test_index_json_contents_and_no_partial_files(tmp_path):
     assert _leftovers(tmp_path) == []
     assert oct((tmp_path / "train-000000.tar").stat().st_mode & 0o777) != oct(0o600)  # umask, not mkstemp's 0600
 
-    # rewriting a split with fewer shards removes the stale ones and keeps the other split
-    write_shards(tiny_samples(3), tmp_path, "train", max_count=10, command="my command", progress=False)
+    # rewriting a split is refused unless asked for; with fewer shards it removes the stale ones, keeps the others
+    with pytest.raises(ShardWriteError, match=r"already has a 'train' split \(10 samples\)"):
+        write_shards(tiny_samples(3), tmp_path, "train", max_count=10, progress=False)
+    assert read_index(tmp_path).splits["train"].num_samples == 10
+    write_shards(tiny_samples(3), tmp_path, "train", max_count=10, command="my command", progress=False, overwrite=True)
     index = read_index(tmp_path)
     assert [s.name for s in index.splits["train"].shards] == ["train-000000.tar"]
     assert not (tmp_path / "train-000001.tar").exists()
@@ -146,7 +149,7 @@ def test_failed_write_leaves_previous_split_untouched(tmp_path):
         raise RuntimeError("source failed")
 
     with pytest.raises(RuntimeError, match="source failed"):
-        write_shards(broken(), tmp_path, "train", max_count=3, progress=False)
+        write_shards(broken(), tmp_path, "train", max_count=3, progress=False, overwrite=True)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert _leftovers(tmp_path) == []
 

@@ -122,7 +122,7 @@ def test_bad_file_keeps_the_previous_split(tmp_path):
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     _tree(tmp_path / "in", {"a/y.npy": b"garbage"})
     with pytest.raises(ShardWriteError, match=r"y\.npy"):
-        write_from_folder(tmp_path / "in", tmp_path / "out", modality="points", progress=False)
+        write_from_folder(tmp_path / "in", tmp_path / "out", modality="points", progress=False, overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     assert _leftovers(tmp_path / "out") == []
 

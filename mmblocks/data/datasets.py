@@ -171,6 +171,7 @@ def make_digits(
             dataset=description,
             total=len(order),
             progress=progress,
+            overwrite=True,  # make_dataset refused an existing dataset unless asked to replace it
         )
     return result
 
@@ -383,5 +384,6 @@ def make_textures(
             dataset=description,
             total=len(items),
             progress=progress,
+            overwrite=True,  # make_dataset refused an existing dataset unless asked to replace it
         )
     return result

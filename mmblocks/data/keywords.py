@@ -323,5 +323,6 @@ def make_keywords(
                 dataset=description,
                 total=len(clips),
                 progress=progress,
+                overwrite=True,  # make_dataset refused an existing dataset unless asked to replace it
             )
     return result

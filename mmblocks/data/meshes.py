@@ -293,5 +293,6 @@ def make_meshes(
             dataset=description,
             total=len(jobs),
             progress=progress,
+            overwrite=True,  # make_dataset refused an existing dataset unless asked to replace it
         )
     return result

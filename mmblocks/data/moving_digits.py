@@ -213,5 +213,6 @@ def make_moving_digits(
             dataset=description,
             total=len(jobs),
             progress=progress,
+            overwrite=True,  # make_dataset refused an existing dataset unless asked to replace it
         )
     return result

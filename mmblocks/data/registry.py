@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tokenizers_mm.registry import Registry, RegistryError
 
+from .schema import read_index
 from .shards import ShardWriteError
 
 __all__ = ["DATASETS", "list_datasets", "make_dataset", "register_dataset"]
@@ -29,8 +31,11 @@ def list_datasets() -> list[str]:
     return DATASETS.names()
 
 
-def make_dataset(name: str, out: str | os.PathLike, seed: int = 0, **kwargs: Any) -> dict[str, Any]:
-    """``mmblocks shards make NAME --out DIR [--seed S]``: write an offline dataset (`list_datasets`).
+def make_dataset(
+    name: str, out: str | os.PathLike, seed: int = 0, *, overwrite: bool = False, **kwargs: Any
+) -> dict[str, Any]:
+    """``mmblocks shards make NAME --out DIR [--seed S] [--overwrite]``: write an offline dataset (`list_datasets`);
+    a folder that already holds one (an ``index.json``) is refused unless `overwrite`.
 
     `kwargs` go to the maker (`make_digits`, `make_textures`, `make_meshes`, `make_keywords`, `make_moving_digits`;
     e.g. ``max_count``, ``crops_per_class``, ``samples_per_class``, ``progress``); an option the maker does not take
@@ -38,6 +43,13 @@ def make_dataset(name: str, out: str | os.PathLike, seed: int = 0, **kwargs: Any
     """
     if name not in DATASETS:
         raise ShardWriteError(f"unknown dataset {name!r} (built in: {', '.join(list_datasets())})")
+    existing = read_index(out) if Path(out).is_dir() else None
+    if existing is not None and not overwrite:
+        splits = ", ".join(f"{k} {v.num_samples}" for k, v in sorted(existing.splits.items()))
+        raise ShardWriteError(
+            f"{out} already holds a dataset (index.json: {splits or 'no splits'}): pass overwrite=True "
+            "(--overwrite) to replace it, or choose another folder"
+        )
     try:
         DATASETS.check_kwargs(name, kwargs, given=("out", "seed"))
     except RegistryError as err:

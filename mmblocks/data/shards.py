@@ -296,6 +296,7 @@ def write_shards(
     dataset: dict[str, Any] | None = None,
     total: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write `samples` as the shards ``{split}-{i:06d}.tar`` of `out_dir` and record the split in ``index.json``.
 
@@ -314,6 +315,8 @@ def write_shards(
         dataset: free-form description merged into the index's ``dataset`` entry (e.g. crop regions).
         total: number of samples, for the progress bar only.
         progress: show a tqdm progress bar (on a terminal).
+        overwrite: replace `split` when the folder's index already has it (else `ShardWriteError`, before anything is
+            written); the folder and manifest writers take it too (``mmblocks shards write --overwrite``).
 
     Returns:
         the updated ``index.json`` contents (``result["splits"][split]["num_samples"]`` etc.).
@@ -335,6 +338,11 @@ def write_shards(
     names = list(class_names) if class_names is not None else None
     existing = read_index(out)
     if existing is not None:
+        if split in existing.splits and not overwrite:
+            raise ShardWriteError(
+                f"{out} already has a {split!r} split ({existing.splits[split].num_samples} samples): pass "
+                "overwrite=True (--overwrite) to replace it, or write another split or folder"
+            )
         if existing.modality != modality:
             raise ShardWriteError(f"{out} holds {existing.modality!r} shards; cannot add a {modality!r} split")
         if names is not None and existing.class_names is not None and existing.class_names != names:
@@ -617,6 +625,7 @@ def _write_entries(
     max_bytes: int | str,
     command: str,
     progress: bool,
+    overwrite: bool,
 ) -> dict[str, Any]:
     """The shared end of the folder and manifest writers: the entries, in order, as shards of `split`."""
     return write_shards(
@@ -630,6 +639,7 @@ def _write_entries(
         command=command,
         total=len(entries),
         progress=progress,
+        overwrite=overwrite,
     )
 
 
@@ -647,6 +657,7 @@ def write_from_folder(
     reencode: str | None = None,
     command: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """``mmblocks shards write --modality image|points|audio|video --from-folder DIR --out OUT [--split train]
     [--max-count N] [--max-bytes B]``: shards from an ImageFolder tree ``DIR/<class>/<file>`` (files found
@@ -689,6 +700,7 @@ def write_from_folder(
         max_bytes=max_bytes,
         command=command,
         progress=progress,
+        overwrite=overwrite,
     )
 
 
@@ -747,6 +759,7 @@ def write_from_manifest(
     reencode: str | None = None,
     command: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """``mmblocks shards write --modality image|points|audio|video --from-manifest FILE --out OUT [--split ...]``:
     shards from a manifest, ``.jsonl`` (one ``{"path": ..., "label": ..., "caption": ...}`` per line) or ``.csv`` /
@@ -824,4 +837,5 @@ def write_from_manifest(
         max_bytes=max_bytes,
         command=command,
         progress=progress,
+        overwrite=overwrite,
     )
