@@ -1,6 +1,6 @@
 """The `mmblocks` command line.
 
-mmblocks train CONFIG [key=value ...] [--resume]      (also under `torchrun --nproc_per_node N -m mmblocks`)
+mmblocks train CONFIG [key=value ...] [--resume | --overwrite]   (also under `torchrun --nproc_per_node N -m mmblocks`)
 mmblocks eval CONFIG --checkpoint CKPT [key=value ...]
 mmblocks shards write --modality image|points|audio|video --from-folder DIR | --from-manifest FILE --out OUT [--split S]
 mmblocks shards make digits|textures|meshes|keywords|moving-digits --out DIR [--seed S] [--set KEY=VALUE ...]
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -31,13 +32,27 @@ def _command_line() -> str:
     return "mmblocks " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mmblocks")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 of a `torchrun` job, or a plain process: the one that prints results."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 # ----------------------------------------------------------------------------------------------- commands
 def _cmd_train(args: argparse.Namespace) -> int:
     from .recipes import train
 
-    summary = train(args.config, args.overrides, resume=args.resume)
+    summary = train(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite)
     test = summary.get("test") or {}
-    if test:
+    if test and _is_main_rank():
         print(f"test accuracy {test['acc']:.4f} on {int(test['samples'])} samples")
     return 0
 
@@ -46,7 +61,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .recipes import evaluate_checkpoint
 
     results = evaluate_checkpoint(args.config, args.checkpoint, args.overrides, splits=tuple(args.splits or ()))
-    print(json.dumps(results, indent=1))
+    if _is_main_rank():
+        print(json.dumps(results, indent=1))
     return 0
 
 
@@ -62,6 +78,7 @@ def _cmd_shards_write(args: argparse.Namespace) -> int:
     )
     if args.reencode:
         kwargs["reencode"] = args.reencode
+    kwargs["overwrite"] = args.overwrite
     if args.from_folder:
         info = write_from_folder(args.from_folder, args.out, **kwargs)
     else:
@@ -82,7 +99,7 @@ def _cmd_shards_make(args: argparse.Namespace) -> int:
         if not sep or not key.strip().isidentifier():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. samples_per_class=[200,40,40]")
         kwargs[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    info = make_dataset(args.name, args.out, seed=args.seed, **kwargs)
+    info = make_dataset(args.name, args.out, seed=args.seed, overwrite=args.overwrite, **kwargs)
     splits = info.get("splits", {})
     counts = {k: v.get("num_samples", v) if isinstance(v, dict) else v for k, v in splits.items()}
     print(f"wrote {args.name} to {args.out}: {counts}")
@@ -154,12 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmblocks", description="Non-text modalities through the transformer blocks of pretrained LLMs."
     )
+    parser.add_argument("--version", action="version", version=f"mmblocks {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train an encoder from a YAML config")
     tr.add_argument("config", help="YAML config (configs/image/...)")
     tr.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=3e-4 data.batch_size=32")
-    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    again = tr.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train.out_dir holds a previous run: move it aside (to <out_dir>.old-<time>) and start afresh",
+    )
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the val/test splits")
@@ -186,11 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     wr.add_argument("--max-count", type=int, default=10000, help="samples per shard")
     wr.add_argument("--max-bytes", default="1GB", help="bytes per shard, e.g. 256MB")
     wr.add_argument("--reencode", default=None, help="re-encode images to this format (default: keep as is)")
+    wr.add_argument("--overwrite", action="store_true", help="replace the split when OUT already has it")
     wr.set_defaults(func=_cmd_shards_write)
     mk = ssub.add_parser("make", help="build an offline dataset from data shipped in installed packages")
     mk.add_argument("name", choices=list_datasets())
     mk.add_argument("--out", required=True)
     mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--overwrite", action="store_true", help="replace the dataset already in OUT")
     mk.add_argument(
         "--set",
         action="append",
@@ -234,10 +260,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: a reader that left (`| head`) is noticed here, not at exit
+        return code
     except USER_ERRORS as err:
         print(f"mmblocks: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `mmblocks blocks families | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # python's exit-time flush of stdout must not fail again
+        return 1
 
 
 if __name__ == "__main__":

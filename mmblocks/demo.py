@@ -70,7 +70,7 @@ def run_demo(quick: bool = False, out: str | Path = "runs/demo", epochs: int | N
         if epochs is not None:
             overrides.append(f"train.epochs={epochs}")
         print(f"\n=== {arm}: {path.name} ===")
-        summary = train(path, overrides)
+        summary = train(path, overrides, overwrite=True)  # a rerun moves the previous demo run aside
         test = summary.get("test") or {}
         rows.append(
             {

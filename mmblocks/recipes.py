@@ -54,6 +54,13 @@ def ensure_dataset(data_cfg: Mapping[str, Any], dist_info: DistInfo) -> None:
     root = Path(data_cfg["root"])
     if (root / "index.json").is_file():
         return
+    shards = sorted(p.name for p in root.glob("*.tar")) if root.is_dir() else []
+    if shards:  # never write a dataset over shards whose index is gone
+        raise MissingShardsError(
+            f"{root} holds {len(shards)} shard(s) ({', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''}) but "
+            "no index.json, which gives the splits, the classes and the sample counts: restore it, or move the "
+            f"shards away and remake the dataset (`mmblocks shards make ... --out {root}`)"
+        )
     name = data_cfg["dataset"]
     if name is None:
         raise MissingShardsError(
@@ -145,11 +152,13 @@ def build_trainer(
     overrides: Sequence[str] = (),
     *,
     resume: bool = False,
+    overwrite: bool = False,
     callbacks: Sequence[Callback | Any] = (),
 ) -> Trainer:
     """A `Trainer` for `config` (a YAML path or a dict) with ``key=value`` `overrides` (`prepare`, then the encoder
     with the task's head, the loaders and the ``train`` settings). ``resume``: continue from the latest checkpoint
-    in ``train.out_dir``; ``callbacks``: as `Trainer`."""
+    in ``train.out_dir``; ``overwrite``: move a previous run in ``train.out_dir`` aside (without either, a folder
+    that holds a run is refused); ``callbacks``: as `Trainer`."""
     cfg, dist, task = prepare(config, overrides)
     model = build_encoder(cfg, task=task, verbose=dist.is_main)
     loaders = build_loaders(cfg, task, dist)
@@ -162,15 +171,18 @@ def build_trainer(
         settings=TrainSettings(**cfg["train"]),
         callbacks=callbacks,
         resume=resume,
+        overwrite=overwrite,
         dist=dist,
         run_info=run_info(cfg),
         files={"config.yaml": dump_config(cfg)},
     )
 
 
-def train(config: ConfigLike, overrides: Sequence[str] = (), resume: bool = False) -> dict[str, Any]:
-    """``mmblocks train CONFIG [overrides] [--resume]`` as a function: returns the run's summary."""
-    return build_trainer(config, overrides, resume=resume).fit()
+def train(
+    config: ConfigLike, overrides: Sequence[str] = (), resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """``mmblocks train CONFIG [overrides] [--resume | --overwrite]`` as a function: returns the run's summary."""
+    return build_trainer(config, overrides, resume=resume, overwrite=overwrite).fit()
 
 
 def evaluate_checkpoint(

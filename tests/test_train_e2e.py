@@ -178,6 +178,7 @@ def test_ddp_two_cpu_processes(tmp_path, digits_root):
     confusion = json.loads((run / "report" / "confusion_test.json").read_text())["confusion"]
     assert sum(map(sum, confusion)) == 270, "the confusion matrix is summed over the ranks too"
     assert latest_checkpoint(run / "checkpoints").name == "step-00000004"
+    assert proc.stdout.count("test accuracy") == 1, "the result line is printed by rank 0 only"
 
 
 def test_demo_quick(tmp_path):

@@ -94,7 +94,7 @@ def test_trainer_from_objects_with_callbacks(digits, tmp_path):
     assert recorder.events == [
         ("fit_start", 0),
         *[e for s in range(3) for e in (("step_start", s), ("step_end", s + 1))],
-        ("epoch_end", 0, ["acc", "acc5", "loss", "mean_per_class_recall", "samples", "skipped"]),
+        ("epoch_end", 0, ["acc", "acc5", "loss", "lost", "mean_per_class_recall", "samples"]),
         ("fit_end", 3),
     ]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -131,6 +131,9 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"data.{key}: must be positive, got {out['data'][key]}")
     if out["data"]["num_points"] is not None and out["data"]["num_points"] < 1:
         raise ConfigError(f"data.num_points: must be positive or null, got {out['data']['num_points']}")
+    lost = out["data"]["max_lost_fraction"]
+    if lost is not None and not 0 <= lost <= 1:
+        raise ConfigError(f"data.max_lost_fraction: a fraction in [0, 1] or null, got {lost}")
     from ..llm.tuning import TUNE_KWARGS
     from ..train.settings import TrainSettings
 
@@ -192,6 +195,13 @@ def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequen
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not a text (UTF-8) file: {err}") from err
+        if not isinstance(raw, Mapping):
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections (task:, model:, data:, train:), "
+                f"not a {type(raw).__name__}"
+            )
         stem = path.stem
     cfg = Config(validate_config(apply_overrides(raw, overrides)))
     if cfg["name"] is None:

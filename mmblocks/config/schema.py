@@ -197,6 +197,13 @@ _BASE_SCHEMA: Schema = {
         "frame_stride": Field(1, INT),
         "motion_vectors": Field(False, BOOL, doc="decode the codec motion vectors (batch.extra['motion'])"),
         "resampled": Field(False, BOOL, doc="infinite resampled shards (step-based training)"),
+        "max_lost_fraction": Field(
+            None,
+            FLOAT,
+            nullable=True,
+            doc="stop when an epoch loses more than this fraction of its samples (corrupt, missing keys, "
+            "unreadable shards); null: never",
+        ),
     },
     "train": {},  # the fields of TrainSettings (`schema()`)
 }

@@ -3,6 +3,7 @@ schedules, reports and process groups. It never reads a config (that is `mmblock
 
 from .callbacks import Callback, FunctionCallback, SoftMaskCallback, default_callbacks
 from .checkpoint import (
+    checkpoint_info,
     latest_checkpoint,
     load_checkpoint,
     load_trainable_weights,
@@ -10,22 +11,28 @@ from .checkpoint import (
     trainable_state_dict,
 )
 from .distributed import DistInfo, init_distributed
+from .ledger import DataLedger
 from .logging import MetricsLogger, StepTimer, read_metrics
 from .report import compare_runs_table, write_report
+from .run_folder import RunFolderError, prepare_run_folder, run_contents
 from .schedule import build_scheduler, param_groups
 from .settings import TrainSettings
-from .trainer import Trainer, evaluate, seed_everything
+from .trainer import ResumeMismatchError, Trainer, evaluate, seed_everything
 
 __all__ = [
     "Callback",
+    "DataLedger",
     "DistInfo",
     "FunctionCallback",
     "MetricsLogger",
+    "ResumeMismatchError",
+    "RunFolderError",
     "SoftMaskCallback",
     "StepTimer",
     "TrainSettings",
     "Trainer",
     "build_scheduler",
+    "checkpoint_info",
     "compare_runs_table",
     "default_callbacks",
     "evaluate",
@@ -34,7 +41,9 @@ __all__ = [
     "load_checkpoint",
     "load_trainable_weights",
     "param_groups",
+    "prepare_run_folder",
     "read_metrics",
+    "run_contents",
     "save_checkpoint",
     "seed_everything",
     "trainable_state_dict",

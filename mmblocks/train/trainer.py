@@ -28,22 +28,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import DataError
+from ..errors import DataError, MMBlocksError
 from ..tasks.base import Metrics, Task
 from .callbacks import Callback, FunctionCallback, default_callbacks
 from .checkpoint import (
-    latest_checkpoint,
+    checkpoint_info,
     load_checkpoint,
     save_checkpoint,
     trainable_state_dict,
 )
 from .distributed import DistInfo, all_reduce_min, barrier, init_distributed
+from .ledger import DataLedger
 from .logging import MetricsLogger, StepTimer
 from .report import REPORT_DIR, write_report
+from .run_folder import SUMMARY_FILE, prepare_run_folder
 from .schedule import build_scheduler, param_groups
 from .settings import TrainSettings
 
-__all__ = ["Trainer", "amp_dtype", "evaluate", "seed_everything"]
+__all__ = ["ResumeMismatchError", "Trainer", "amp_dtype", "evaluate", "seed_everything"]
 
 StepCallback = Callable[["Trainer", int], None]
 
@@ -64,6 +66,15 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+class ResumeMismatchError(MMBlocksError, ValueError):
+    """``resume`` with settings that change the data order or the step count the checkpoint was saved under."""
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
@@ -78,7 +89,8 @@ def evaluate(
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, float], Metrics]:
     """Evaluate `model` on every sample of `loader` (each counted exactly once across ranks): ``(results, metrics)``,
-    the task's numbers plus ``skipped`` (corrupt samples) and the reduced `Metrics` (for the task's report)."""
+    the task's numbers plus ``lost`` (samples the loader could not deliver: `ShardLoader.stats`) and the reduced
+    `Metrics` (for the task's report). A loader with ``check_losses`` raises beyond its ``max_lost_fraction``."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -94,8 +106,11 @@ def evaluate(
     results = metrics.compute()
     stats = loader.global_stats() if hasattr(loader, "global_stats") else {}
     if not results.get("samples"):
-        raise DataError(f"{loader!r} yielded no samples to evaluate")
-    return {**results, "skipped": float(stats.get("skipped", 0))}, metrics
+        lost = f" (lost {stats['lost']}: {'; '.join(stats['reasons']) or '-'})" if stats.get("lost") else ""
+        raise DataError(f"{loader!r} yielded no samples to evaluate{lost}")
+    if hasattr(loader, "check_losses"):
+        loader.check_losses(stats)
+    return {**results, "lost": float(stats.get("lost", 0))}, metrics
 
 
 class Trainer:
@@ -105,13 +120,17 @@ class Trainer:
         model: the model the task drives (moved to the run's device here).
         task: what is learned (`mmblocks.tasks.create_task`); its head is already part of `model`.
         train_loader: yields batches with ``.to(device)``; ``set_epoch(epoch)`` reseeds it (exact resume needs it),
-            ``len()`` is its batches per epoch, ``global_stats()`` its corrupt-sample counts (`build_loader` has all).
+            ``len()`` is its batches per epoch, ``global_stats()`` its sample counts, ``signature()`` what fixes its
+            order, ``check_losses(stats)`` its lost-sample limit (`build_loader` has all). An epoch is one pass over
+            the loader, however many samples it lost; ``settings.epochs`` epochs are run (or ``max_steps`` steps).
         val_loader, test_loader: evaluated after epochs / at the end (None: skipped).
         settings: a `TrainSettings`; `overrides` (its field names, e.g. ``lr=3e-4, out_dir="runs/x"``) replace
             fields. ``out_dir`` is required.
         callbacks: `Callback` objects or functions ``fn(trainer, step)`` called after every optimizer step
             (rank-local), run after `default_callbacks`.
-        resume: continue from the latest checkpoint in ``out_dir/checkpoints`` (when there is one).
+        resume: continue from the latest checkpoint in ``out_dir/checkpoints`` (an error when there is none, or when
+            the data order or step count would differ from the checkpoint's: `ResumeMismatchError`).
+        overwrite: ``out_dir`` may hold a previous run: move it aside (`prepare_run_folder`) instead of refusing.
         dist: the process group (default: `init_distributed` for ``settings.device``).
         run_info: entries for the summary and report (``name``, the components used, ...).
         files: text files written into ``out_dir`` when training starts (e.g. ``{"config.yaml": ...}``).
@@ -128,6 +147,7 @@ class Trainer:
         settings: TrainSettings | None = None,
         callbacks: Sequence[Callback | StepCallback] = (),
         resume: bool = False,
+        overwrite: bool = False,
         dist: DistInfo | None = None,
         run_info: Mapping[str, Any] | None = None,
         files: Mapping[str, str] | None = None,
@@ -140,7 +160,7 @@ class Trainer:
         if s.out_dir is None:
             raise ValueError("Trainer needs out_dir (where checkpoints, metrics and the report go)")
         self.task = task
-        self.resume = resume
+        self.resume, self.overwrite = resume, overwrite
         self.run_info = dict(run_info or {})
         self.files = dict(files or {})
         self.callbacks: list[Callback] = default_callbacks() + [
@@ -185,8 +205,9 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
+        self.trained_in_epoch = 0  # samples the optimizer saw in the current epoch (for the data ledger)
         self.best: dict[str, float] = {}
-        self.skipped_total = 0
+        self.ledger = DataLedger()
         self.logger: MetricsLogger | None = None
         self.last_metrics: dict[str, Metrics] = {}
 
@@ -195,14 +216,32 @@ class Trainer:
         return str(self.run_info.get("name") or self.out_dir.name)
 
     def _steps_per_epoch(self) -> int:
+        """Optimizer steps in a full epoch, from the loader's nominal size (``index.json`` counts): the schedule's
+        length. An epoch that loses samples ends early; it is still one epoch."""
         s = self.settings
         if s.steps_per_epoch:
             return s.steps_per_epoch
         try:  # the loader knows how many batches this rank yields (each worker's last one may be short)
             batches = len(self.train_loader)
-        except TypeError:  # resampled without a nominal epoch size
-            batches = math.ceil(self.train_loader.num_samples / self.dist.world_size / self.train_loader.batch_size)
+        except TypeError as err:  # resampled without a nominal epoch size, or shards without index.json counts
+            samples, batch_size = getattr(self.train_loader, "num_samples", None), self.train_loader.batch_size
+            if samples is None:
+                raise DataError(
+                    f"the size of an epoch of {self.train_loader!r} is unknown ({err}): set steps_per_epoch (or "
+                    "max_steps), or give the shards an index.json with their sample counts"
+                ) from None
+            batches = math.ceil(samples / self.dist.world_size / batch_size)
         return max(1, batches // s.accum_steps)
+
+    def data_signature(self) -> dict[str, Any]:
+        """What fixes the batches, their order and the steps of an epoch: the train loader's ``signature()``, the
+        accumulation and the steps per epoch. A resumed run must have the same."""
+        sign = getattr(self.train_loader, "signature", None)
+        return {
+            **(sign() if sign is not None else {}),
+            "accum_steps": self.settings.accum_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+        }
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -218,24 +257,49 @@ class Trainer:
                 model_state=trainable_state_dict(self.model),
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
-                data_state={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
-                extra={"best": self.best, "config_name": self.name, "skipped_total": self.skipped_total},
+                data_state={
+                    "epoch": self.epoch,
+                    "batch_in_epoch": self.batch_in_epoch,
+                    "trained_in_epoch": self.trained_in_epoch,
+                },
+                extra={
+                    "best": self.best,
+                    "config_name": self.name,
+                    "data_signature": self.data_signature(),
+                    "ledger": self.ledger.entries,
+                },
                 keep=self.settings.keep_checkpoints,
             )
         barrier()
         return path
 
     def load(self, path: Path) -> None:
-        """Resume from the checkpoint at `path`: the weights (which must fit this model exactly), then the optimizer,
-        scheduler, RNG and data position."""
+        """Resume from the checkpoint at `path`: its data signature (which must match: `ResumeMismatchError` names
+        the differing keys), the weights (which must fit this model exactly), then the optimizer, scheduler, RNG and
+        data position."""
+        self._check_signature(path, checkpoint_info(path)["extra"].get("data_signature"))
         state = load_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, map_location=self.device
         )
         self.step = state["step"]
         self.epoch = state["data_state"]["epoch"]
         self.batch_in_epoch = state["data_state"]["batch_in_epoch"]
+        self.trained_in_epoch = state["data_state"].get("trained_in_epoch", 0)
         self.best = dict(state["extra"].get("best", {}))
-        self.skipped_total = int(state["extra"].get("skipped_total", 0))
+        self.ledger = DataLedger(state["extra"].get("ledger", []))
+
+    def _check_signature(self, path: Path, saved: Mapping[str, Any] | None) -> None:
+        if saved is None:  # a checkpoint from before signatures: nothing to compare
+            return
+        now = self.data_signature()
+        differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if differ:
+            shown = "; ".join(f"{k}: checkpoint {_short(saved.get(k))}, now {_short(now.get(k))}" for k in differ)
+            raise ResumeMismatchError(
+                f"cannot resume from {path}: the data order or the steps per epoch would differ from the run that "
+                f"saved it ({shown}). Change these back (batch size, workers x ranks, shards, seed, accumulation), "
+                "or start a new run (--overwrite or another out_dir)"
+            )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str) -> dict[str, float]:
@@ -278,12 +342,14 @@ class Trainer:
         return grad_norm
 
     def _start(self) -> None:
-        if self.resume:
-            latest = latest_checkpoint(self.ckpt_dir)
-            if latest is not None:
-                self.load(latest)
-                if self.dist.is_main:
-                    print(f"resumed from {latest} (step {self.step}, epoch {self.epoch}, batch {self.batch_in_epoch})")
+        latest = prepare_run_folder(
+            self.out_dir, resume=self.resume, overwrite=self.overwrite, is_main=self.dist.is_main
+        )
+        barrier()  # a run moved aside (overwrite) is gone on every rank before anything is written
+        if latest is not None:
+            self.load(latest)
+            if self.dist.is_main:
+                print(f"resumed from {latest} (step {self.step}, epoch {self.epoch}, batch {self.batch_in_epoch})")
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             for name, text in self.files.items():
@@ -292,13 +358,32 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_start(self)
 
-    def _evaluate_epoch(self, finished_epoch: int, skipped: float) -> dict[str, float] | None:
+    def _finished(self) -> bool:
+        """``max_steps`` steps taken, else ``epochs`` epochs run (an epoch that lost samples is a whole epoch)."""
         s = self.settings
-        last = self.step >= self.total_steps
-        if "val" not in self.eval_loaders or not ((finished_epoch + 1) % s.eval_every == 0 or last):
+        return self.step >= s.max_steps if s.max_steps else self.epoch >= s.epochs
+
+    def _account(self, split: str, loader: Any, epoch: int, trained: int | None = None) -> None:
+        """Record the loader's counts of `epoch` in the ledger and ``metrics.jsonl``, say what was lost, and stop
+        the run beyond the loader's ``max_lost_fraction``."""
+        if not hasattr(loader, "global_stats"):
+            return
+        stats = loader.global_stats()
+        entry = self.ledger.add(split, epoch, stats, trained)
+        record = {k: v for k, v in entry.items() if k != "split" and v is not None}
+        self.logger.log(self.step, record, split=f"data_{split}")
+        if self.dist.is_main and entry["lost"]:
+            print(f"epoch {epoch}: {DataLedger.describe(entry)}; first: {'; '.join(stats['reasons']) or '-'}")
+        if hasattr(loader, "check_losses"):
+            loader.check_losses(stats)
+
+    def _evaluate_epoch(self, finished_epoch: int) -> dict[str, float] | None:
+        s = self.settings
+        if "val" not in self.eval_loaders or not ((finished_epoch + 1) % s.eval_every == 0 or self._finished()):
             return None
         val = self.evaluate("val")
-        self.logger.log(self.step, {**val, "epoch": finished_epoch, "skipped_train": skipped}, split="val")
+        self._account("val", self.eval_loaders["val"], finished_epoch)
+        self.logger.log(self.step, {**val, "epoch": finished_epoch}, split="val")
         metric = self.task.monitor[0]
         if self.task.better(val[metric], self.best.get(f"val_{metric}")):
             self.best = {f"val_{metric}": val[metric], "val_loss": val["loss"], "step": self.step}
@@ -315,7 +400,7 @@ class Trainer:
         timer = StepTimer(self.device, world_size=self.dist.world_size, skip_first=1)
         self.model.train()
         accum = s.accum_steps
-        while self.step < self.total_steps:
+        while not self._finished():
             bar = tqdm(
                 total=self.steps_per_epoch,
                 initial=min(self.batch_in_epoch // accum, self.steps_per_epoch),
@@ -329,7 +414,7 @@ class Trainer:
             steps_before, fresh_epoch = self.step, self.batch_in_epoch == 0
             batches = self._batches()
             timer.start()
-            while self.step < self.total_steps and epoch_steps < self.steps_per_epoch:
+            while not (s.max_steps and self.step >= s.max_steps) and epoch_steps < self.steps_per_epoch:
                 micro = []
                 for _ in range(accum):
                     batch = next(batches, None)
@@ -354,18 +439,11 @@ class Trainer:
                 grad_norm = self._optimizer_step()
                 self.batch_in_epoch += len(micro)
                 epoch_steps += 1
+                self.trained_in_epoch += samples
                 timer.step_done(samples=samples)
                 bar.update(1)
                 if self.step % s.log_every == 0 or self.step == self.total_steps:
-                    record = {k: float(v) / max(n_micro, 1) for k, v in running.items()}
-                    record.update(
-                        lr=self.optimizer.param_groups[0]["lr"],
-                        grad_norm=float(grad_norm),
-                        epoch=self.epoch,
-                        **timer.summary(),
-                        **logged,
-                    )
-                    self.logger.log(self.step, record, split="train")
+                    record = self._log_train(running, n_micro, grad_norm, timer, logged)
                     bar.set_postfix({k: f"{record[k]:.3f}" for k in list(running)[:2]})
                     running, n_micro = {}, 0
                 if self.step % s.checkpoint_every == 0:
@@ -374,19 +452,21 @@ class Trainer:
                     cb.on_step_end(self, self.step)
                 timer.start()
             bar.close()
+            if n_micro:  # the epoch's last steps, short of a log_every window (an epoch that lost samples)
+                self._log_train(running, n_micro, grad_norm, timer, logged)
             if self.step == steps_before and fresh_epoch:
+                stats = self.train_loader.global_stats() if hasattr(self.train_loader, "global_stats") else {}
+                lost = f" It lost {stats['lost']}: {'; '.join(stats['reasons'])}." if stats.get("lost") else ""
                 raise DataError(
                     f"epoch {self.epoch} of {self.train_loader!r} gave no full batch on some rank: "
-                    "fewer samples than batch_size x world_size x accum_steps?"
+                    f"fewer samples than batch_size x world_size x accum_steps?{lost}"
                 )
-            skipped = float(self.train_loader.global_stats()["skipped"])
-            self.skipped_total += int(skipped)
+            self._drain(batches)
+            self._account("train", self.train_loader, self.epoch, self.trained_in_epoch)
             finished_epoch = self.epoch
             self.epoch += 1
-            self.batch_in_epoch = 0
-            if self.dist.is_main and skipped:
-                print(f"epoch {finished_epoch}: skipped {int(skipped)} corrupt sample(s)")
-            val = self._evaluate_epoch(finished_epoch, skipped)
+            self.batch_in_epoch = self.trained_in_epoch = 0
+            val = self._evaluate_epoch(finished_epoch)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, finished_epoch, val)
         self.save()
@@ -394,14 +474,49 @@ class Trainer:
         self.logger.close()
         self.close()
         if self.dist.is_main:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            (self.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
             test_metrics = self.last_metrics.get("test")
             sections = test_metrics.report(self.out_dir / REPORT_DIR, "test") if test_metrics is not None else []
+            sections = [*sections, self.ledger.section()]
             path = write_report(self.out_dir, summary=summary, title=f"mmblocks run: {self.name}", sections=sections)
             print(f"report: {path}")
         for cb in self.callbacks:
             cb.on_fit_end(self, summary)
         return summary
+
+    def _log_train(
+        self,
+        running: Mapping[str, torch.Tensor | float],
+        n_micro: int,
+        grad_norm: torch.Tensor | float,
+        timer: StepTimer,
+        logged: Mapping[str, float],
+    ) -> dict[str, float]:
+        """Log the mean of the task's metrics over the `n_micro` micro-batches since the last record."""
+        record = {k: float(v) / max(n_micro, 1) for k, v in running.items()}
+        record.update(
+            lr=self.optimizer.param_groups[0]["lr"],
+            grad_norm=float(grad_norm),
+            epoch=self.epoch,
+            **timer.summary(),
+            **logged,
+        )
+        self.logger.log(self.step, record, split="train")
+        return record
+
+    def _drain(self, batches: Iterator[Any]) -> None:
+        """Read the rest of an epoch that ended before its loader did (a rank with one batch more than another
+        under DDP, a partial accumulation) so that the loader's counts cover the whole epoch; not when the epoch
+        was cut by ``steps_per_epoch`` or ``max_steps`` (a resampled loader never ends)."""
+        s = self.settings
+        if s.steps_per_epoch or (s.max_steps and self.step >= s.max_steps):
+            return
+        try:
+            len(self.train_loader)
+        except TypeError:  # resampled forever
+            return
+        for _ in batches:
+            pass
 
     def close(self) -> None:
         """Stop the data-loader workers."""
@@ -413,6 +528,7 @@ class Trainer:
     def _summary(self, seconds: float, timer: StepTimer) -> dict[str, Any]:
         test = self.evaluate("test") if "test" in self.eval_loaders else {}
         if test:
+            self._account("test", self.eval_loaders["test"], self.epoch - 1)
             self.logger.log(self.step, test, split="test")
         n_train = sum(p.numel() for p in self.trainable)
         n_all = sum(p.numel() for p in self.model.parameters())
@@ -429,6 +545,6 @@ class Trainer:
             "frozen_params": n_all - n_train,
             "best_val": self.best,
             "test": test,
-            "skipped_corrupt": self.skipped_total,
+            "data": self.ledger.summary(),
             "throughput": timer.summary(),
         }
