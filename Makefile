@@ -40,6 +40,7 @@ format: install
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_llm_overhead.py
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_llm_load.py
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_input_checks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
