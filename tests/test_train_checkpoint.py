@@ -119,7 +119,11 @@ def test_bf16_shared_and_non_contiguous_tensors(tmp_path):
     assert state["w"].data_ptr() == w.data_ptr()  # the caller's tensors are untouched
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA: would check that bf16 CUDA weights and the per-device CUDA RNG states round-trip (the CPU "
+    "counterparts are test_bf16_shared_and_non_contiguous_tensors and test_rng_helpers_round_trip)",
+)
 def test_cuda_tensors_and_cuda_rng(tmp_path):
     model = nn.Linear(4, 4).cuda().to(torch.bfloat16)
     torch.cuda.manual_seed_all(5)
