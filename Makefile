@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmblocks-installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench docs clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11); set PYTHON=..."; exit 1; }
@@ -36,6 +36,9 @@ lint: install
 format: install
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
+
+docs: install
+	HF_HUB_OFFLINE=1 $(PY) -m mmblocks reference --write README.md
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_llm_overhead.py

@@ -6,6 +6,7 @@ mmblocks shards write --modality image|points|audio|video --from-folder DIR | --
 mmblocks shards make digits|textures|meshes|keywords|moving-digits --out DIR [--seed S] [--set KEY=VALUE ...]
 mmblocks demo [--quick]
 mmblocks blocks families | show SOURCE [--layers ...]
+mmblocks reference [--write README.md]
 """
 
 from __future__ import annotations
@@ -129,6 +130,17 @@ def _cmd_families(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reference(args: argparse.Namespace) -> int:
+    from .reference import reference_markdown, write_reference
+
+    if args.write:
+        changed = write_reference(args.write)
+        print(f"{args.write}: {'updated' if changed else 'already up to date'}")
+    else:
+        print(reference_markdown(), end="")
+    return 0
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     import torch
 
@@ -231,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="where runs and the comparison go")
     demo.add_argument("--epochs", type=int, default=3, help="epochs per arm (default 3: a few minutes each on CPU)")
     demo.set_defaults(func=_cmd_demo)
+
+    ref = sub.add_parser("reference", help="the registries, load_blocks and every config key, as markdown")
+    ref.add_argument("--write", metavar="FILE", help="replace the generated section of FILE (README.md) instead")
+    ref.set_defaults(func=_cmd_reference)
 
     blocks = sub.add_parser("blocks", help="inspect LLM blocks")
     bsub = blocks.add_subparsers(dest="blocks_command", required=True)

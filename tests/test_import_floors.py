@@ -25,7 +25,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("mmblocks.train",),
     ("mmblocks.config",),
     ("mmblocks.builders",),
-    ("mmblocks.recipes",),
+    ("mmblocks.recipes", "mmblocks.reference"),
     ("mmblocks.demo",),
     ("mmblocks.cli",),
     ("mmblocks.__main__", "mmblocks"),

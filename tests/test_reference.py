@@ -1,0 +1,26 @@
+"""The README's generated reference (registries, `load_blocks`, config keys) is what the code says today."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmblocks.reference import BEGIN, END, reference_markdown
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_the_readme_reference_matches_the_code():
+    text = README.read_text()
+    generated = text.split(BEGIN, 1)[1].split(END, 1)[0]
+    assert generated == "\n" + reference_markdown(), "README.md is stale: run `make docs`"
+
+
+def test_the_reference_names_every_registry_entry_and_config_key():
+    from adapters import list_adapters
+    from mmblocks.config.schema import schema
+    from mmblocks.models import list_backbones
+
+    ref = reference_markdown()
+    assert all(f"`{name}`" in ref for name in [*list_adapters(), *list_backbones()])
+    assert "`data.max_lost_fraction`" in ref and "`train.accum_steps`" in ref and "`name`" in ref
+    assert len(schema()["train"]) == sum(line.startswith("| `train.") for line in ref.splitlines())
