@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchaudio.compliance.kaldi as kaldi
@@ -77,6 +78,35 @@ def test_fbank_variable_lengths(snip_edges, subtract_mean):
         assert ref.shape[0] == n[i]
         assert (feats[i, : n[i]] - ref).abs().max().item() <= 1e-4
         assert feats[i, n[i] :].abs().max().item() == 0.0 if n[i] < feats.shape[1] else True
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_fbank_cpu_chunks_match_torchaudio(monkeypatch, with_lengths):
+    """The CPU path splits a big batch into row chunks (`_CPU_CHUNK_ELEMS`): shrink the budget so a 5-row batch runs
+    as chunks of 2, 2 and 1 rows, and check every row against torchaudio."""
+    import tokenizers_mm.audio as audio_mod
+
+    wav = _batch(5, 8000, seed=2)
+    lengths = torch.tensor([8000, 6100, 7777, 400, 5003])
+    kw = dict(snip_edges=False, subtract_mean=True, num_mel_bins=40)
+    m = num_fbank_frames(8000, SR, snip_edges=False)  # frames of the padded batch; 400-sample frames FFT at 512
+    monkeypatch.setattr(audio_mod, "_CPU_CHUNK_ELEMS", 2 * m * 512 + 7)  # room for 2 rows, not 3
+    chunks = []
+    real_impl = audio_mod._fbank_impl
+
+    def spy(x, *args):
+        chunks.append(x.shape[0])
+        return real_impl(x, *args)
+
+    monkeypatch.setattr(audio_mod, "_fbank_impl", spy)
+    feats, n = fbank_with_lengths(wav, SR, lengths if with_lengths else None, **kw)
+    assert chunks == [2, 2, 1]
+    assert feats.shape == (5, m, 40)
+    for i, L in enumerate(lengths.tolist() if with_lengths else [8000] * 5):
+        ref = kaldi.fbank(wav[i : i + 1, :L], **kw)
+        assert n[i] == ref.shape[0]
+        assert (feats[i, : n[i]] - ref).abs().max().item() <= 1e-4, f"row {i}"
+        assert n[i] == m or feats[i, n[i] :].abs().max().item() == 0.0
 
 
 def test_fbank_dither_uses_generator():
@@ -159,11 +189,45 @@ def test_ast_lengths_mask_and_gradients():
     assert tok.pos_embed.grad is not None and tok.cls_token.grad is not None
 
 
+def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``[n_out, n_in]`` 1-D linear resampling with ``align_corners=False`` (as `torch.nn.functional.interpolate`
+    documents it): output ``i`` samples source coordinate ``(i + 0.5) * n_in / n_out - 0.5`` (clamped at 0),
+    interpolating its two neighbours (the last one repeated at the far edge)."""
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = min(int(np.floor(src)), n_in - 1)
+        lam = src - i0
+        m[i, i0] += 1 - lam
+        m[i, min(i0 + 1, n_in - 1)] += lam
+    return m
+
+
 def test_ast_position_interpolation():
     torch.manual_seed(0)
-    tok = AudioPatches(embed_dim=8, target_frames=256)
-    out = tok(torch.randn(1, 2 * SR) * 0.1, target_frames=512)
+    tok = AudioPatches(embed_dim=8, target_frames=256)  # positions built for grid (12, 25)
+    with torch.no_grad():  # well away from the 0.02 init, so a wrong resampling shows
+        tok.pos_embed.copy_(torch.randn(tok.pos_embed.shape, generator=torch.Generator().manual_seed(1)))
+    wav = torch.randn(1, 2 * SR, generator=torch.Generator().manual_seed(2)) * 0.1
+    with torch.no_grad():
+        out = tok(wav, target_frames=512)
     assert out.grid == (12, 50) and out.x.shape == (1, 1 + 600, 8)
+    # reference: Kaldi fbank (torchaudio) of the mean-removed wave, zero-padded to 512 frames, AST-normalised,
+    # 16x16 patches at stride 10 dotted with the conv kernel + bias, plus the (12, 25) table resampled to (12, 50)
+    fb = kaldi.fbank(wav - wav.mean(), sample_frequency=SR, **AST_KW).double().numpy()
+    assert fb.shape == (198, 128)
+    spec = np.zeros((128, 512))
+    spec[:, : fb.shape[0]] = fb.T
+    spec = (spec - tok.norm_mean) / (2 * tok.norm_std)
+    patches = np.lib.stride_tricks.sliding_window_view(spec, (16, 16))[::10, ::10]  # [12, 50, 16, 16]
+    w = tok.proj.weight.detach().double().numpy().reshape(8, -1)
+    conv = patches.reshape(600, 256) @ w.T + tok.proj.bias.detach().double().numpy()
+    table = tok.pos_embed.detach().double().numpy()[0]
+    grid_pos = np.einsum("af,bt,ftd->abd", _resize_matrix(12, 12), _resize_matrix(25, 50), table[1:].reshape(12, 25, 8))
+    ref = np.concatenate([tok.cls_token.detach().double().numpy()[0] + table[:1], conv + grid_pos.reshape(600, 8)])
+    np.testing.assert_allclose(out.x[0].double().numpy(), ref, atol=1e-4, rtol=0)
+    # 198 real frames: columns 0..19 start inside them, 20.. are padding
+    assert out.mask[0, 1:].view(12, 50)[:, :20].all() and not out.mask[0, 1:].view(12, 50)[:, 20:].any()
 
 
 def test_ast_sample_rate_handling():

@@ -15,7 +15,6 @@ from tokenizers_mm.motion import (
     KeyframeMotion,
     MotionTokens,
     block_matching,
-    block_matching_reference,
     candidate_displacements,
     luminance,
 )
@@ -101,18 +100,94 @@ def test_static_clip_gives_zero_motion():
     assert (block_matching(flat, search=3) == 0).all()
 
 
-def test_block_matching_equals_the_per_block_loop():
+def reference_block_matching(frames, block: int, search: int) -> np.ndarray:
+    """Exhaustive block search written from `block_matching`'s documented definition (independent of its code).
+
+    ``frames [B, T, C, H, W]`` (C = 3 RGB or 1 luma). Luma ``Y = 0.299 R + 0.587 G + 0.114 B`` in float32 (the
+    documented float32 luminance), C = 1 taken as is. For block ``(r, c)`` of frame ``t+1`` and every ``(dx, dy)``
+    with ``|dx|, |dy| <= search``: ``SAD = sum_p |Y[t+1](p) - Y[t](p - (dx, dy))|`` with frame ``t`` edge-extended
+    (coordinates clamped into the frame), summed exactly in float64. The smallest SAD wins; a tie goes to the
+    smallest ``dx^2 + dy^2``, then the smallest ``dy``, then the smallest ``dx``. Returns ``[B, T-1, 2, H/b, W/b]``
+    float32 (dx, dy).
+    """
+    x = np.asarray(frames)
+    n, t, c, h, w = x.shape
+    if c == 3:
+        r, g, b = (x[:, :, i].astype(np.float32) for i in range(3))
+        y = r * np.float32(0.299) + g * np.float32(0.587) + b * np.float32(0.114)
+    else:
+        assert c == 1
+        y = x[:, :, 0].astype(np.float32)
+    y = y.astype(np.float64)
+    out = np.zeros((n, t - 1, 2, h // block, w // block), np.float32)
+    for i in range(n):
+        for j in range(t - 1):
+            prev, cur = y[i, j], y[i, j + 1]
+            for br in range(h // block):
+                for bc in range(w // block):
+                    rows = np.arange(br * block, (br + 1) * block)
+                    cols = np.arange(bc * block, (bc + 1) * block)
+                    blk = cur[np.ix_(rows, cols)]
+                    best_key, best = None, None
+                    for dy in range(-search, search + 1):
+                        for dx in range(-search, search + 1):
+                            src = prev[np.ix_(np.clip(rows - dy, 0, h - 1), np.clip(cols - dx, 0, w - 1))]
+                            key = (np.abs(blk - src).sum(), dx * dx + dy * dy, dy, dx)
+                            if best_key is None or key < best_key:
+                                best_key, best = key, (dx, dy)
+                    out[i, j, :, br, bc] = best
+    return out
+
+
+def test_reference_block_matching_on_hand_made_cases():
+    # a 4x4 block of frame 1 equals frame 0 shifted by (+1, +2): content moved right 1, down 2
+    f0 = np.arange(64, dtype=np.float32).reshape(8, 8) * 7 % 61
+    f1 = np.empty_like(f0)
+    for yy in range(8):
+        for xx in range(8):
+            f1[yy, xx] = f0[min(max(yy - 2, 0), 7), min(max(xx - 1, 0), 7)]
+    mv = reference_block_matching(np.stack([f0, f1])[None, :, None], 4, 2)
+    assert mv[0, 0, :, 1, 1].tolist() == [1.0, 2.0]
+    # all-tied (flat) frames -> (0, 0); alternating columns: every (+-1, dy) costs the same, (-1, 0) wins the tie
+    assert (reference_block_matching(np.full((1, 2, 1, 4, 4), 3.0), 4, 2) == 0).all()
+    stripes = np.tile(np.array([0.0, 9.0]), (4, 2))  # columns alternate: shifting by +-1 costs the same
+    tie = reference_block_matching(np.stack([stripes, 9.0 - stripes])[None, :, None], 4, 1)
+    assert tie[0, 0, :, 0, 0].tolist() == [-1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,block,search",
+    [
+        ((2, 3, 1, 32, 48), "float32", 16, 4),  # integer luma: exact SADs, ties included
+        ((1, 2, 3, 16, 24), "uint8", 8, 2),  # RGB
+        ((1, 2, 1, 16, 24), "float32", 8, 9),  # search window larger than the block (deep edge extension)
+    ],
+)
+def test_block_matching_equals_the_exhaustive_reference(shape, dtype, block, search):
     g = torch.Generator().manual_seed(0)
-    luma = torch.randint(0, 256, (2, 3, 1, 32, 48), generator=g).float()  # integer SADs: exact, ties included
-    luma[:, :, :, :8] = 5.0  # flat rows -> ties
-    assert torch.equal(
-        block_matching(luma, block=16, search=4), torch.from_numpy(block_matching_reference(luma, 16, 4))
-    )
+    frames = torch.randint(0, 256, shape, generator=g).to(getattr(torch, dtype))
+    if shape[2] == 1:
+        frames[:, :, :, :8] = 5  # flat rows -> many tied candidates
+        frames[:, :, :, :, : shape[-1] // 3] = (frames[:, :, :, :, : shape[-1] // 3] // 64) * 64  # coarse: more ties
+    ref = reference_block_matching(frames.numpy(), block, search)
+    assert torch.equal(block_matching(frames, block, search), torch.from_numpy(ref))
+
+
+def test_block_matching_ties_follow_the_documented_order():
+    # frame 1 = frame 0's checkerboard inverted: the four unit shifts all match exactly (interior blocks), so the
+    # documented order decides: smallest dx^2 + dy^2, then smallest dy -> (0, -1); period-4 columns add (+-2, 0) ties
+    checker = (np.indices((24, 24)).sum(0) % 2) * 200.0
+    cols = np.tile(np.array([0.0, 0.0, 50.0, 50.0]), (24, 6))
+    frames = torch.tensor(np.stack([np.stack([checker, 200.0 - checker]), np.stack([cols, 50.0 - cols])]))[:, :, None]
+    ref = reference_block_matching(frames.numpy(), 8, 2)
+    assert ref[0, 0, :, 1, 1].tolist() == [0.0, -1.0] and ref[1, 0, :, 1, 1].tolist() == [-2.0, 0.0]
+    assert torch.equal(block_matching(frames.float(), 8, 2), torch.from_numpy(ref))
+
+
+def test_block_matching_equals_the_exhaustive_reference_on_motion():
     frames, _ = moving_square(2, -3, t=3)
-    ref = block_matching_reference(as_input(frames), 16, 5)
-    assert torch.equal(block_matching(as_input(frames), 16, 5), torch.from_numpy(ref))
-    small = torch.randint(0, 256, (1, 2, 3, 16, 24), generator=g, dtype=torch.uint8)
-    assert torch.equal(block_matching(small, 8, 2), torch.from_numpy(block_matching_reference(small, 8, 2)))
+    x = as_input(frames)
+    assert torch.equal(block_matching(x, 16, 5), torch.from_numpy(reference_block_matching(x.numpy(), 16, 5)))
 
 
 def test_candidates_and_luminance():

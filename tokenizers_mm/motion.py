@@ -6,8 +6,8 @@ of block ``(r, c)`` of frame ``t+1`` is the displacement of its content from fra
 ``frame[t+1](p) ~= frame[t](p - (dx, dy))`` for the pixels ``p`` of the block. A square moving right by 3 px and
 down by 2 px gives ``(+3, +2)`` on its blocks; a static background gives ``(0, 0)``.
 
-`block_matching` is an exhaustive integer-pel search (SAD on luminance) vectorised in torch; `block_matching_reference`
-is the same search written as a plain per-block NumPy loop (slow; the oracle for tests and the benchmark).
+`block_matching` is an exhaustive integer-pel search (SAD on luminance) vectorised in torch (its oracle, a plain
+per-block NumPy search written from this definition, lives in ``tests/test_motion.py``).
 
 `MotionTokens` embeds a motion field (computed by block matching or given, e.g. codec vectors) as spatio-temporal
 patches; `KeyframeMotion` is Video-LaVIT's decoupling: the first frame as image patches, then the motion tokens.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
@@ -33,7 +32,6 @@ __all__ = [
     "KeyframeMotion",
     "MotionTokens",
     "block_matching",
-    "block_matching_reference",
     "candidate_displacements",
     "luminance",
 ]
@@ -119,31 +117,6 @@ def block_matching(frames: torch.Tensor, block: int = 16, search: int = 7) -> to
     best = sad.index_select(-1, perm).argmin(dim=-1)  # first minimum = smallest displacement among ties
     vec = torch.tensor(order, dtype=torch.float32, device=sad.device)[best]  # [n, hb, wb, 2]
     return vec.permute(0, 3, 1, 2).reshape(b, t - 1, 2, hb, wb).contiguous()
-
-
-def block_matching_reference(frames: torch.Tensor | np.ndarray, block: int = 16, search: int = 7) -> np.ndarray:
-    """`block_matching` as a plain per-block NumPy loop (same luminance, padding, SAD and tie order). Slow."""
-    frames = torch.as_tensor(frames)
-    b, t, _, w, hb = _check(frames, block, search)
-    wb, s = w // block, search
-    y = luminance(frames).numpy()
-    order = candidate_displacements(s)
-    out = np.zeros((b, t - 1, 2, hb, wb), np.float32)
-    for i in range(b):
-        for j in range(t - 1):
-            ref = np.pad(y[i, j], s, mode="edge")
-            cur = y[i, j + 1]
-            for r in range(hb):
-                for c in range(wb):
-                    blk = cur[r * block : (r + 1) * block, c * block : (c + 1) * block]
-                    best, best_d = None, (0, 0)
-                    for dx, dy in order:
-                        y0, x0 = r * block - dy + s, c * block - dx + s
-                        sad = np.abs(blk - ref[y0 : y0 + block, x0 : x0 + block]).sum()
-                        if best is None or sad < best:
-                            best, best_d = sad, (dx, dy)
-                    out[i, j, :, r, c] = best_d
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizers
