@@ -1,14 +1,14 @@
-"""`pool` adapter: InfMLLM exact cell means and Open-Qwen2VL adaptive pooling, against hand-computed means and
-`torch.nn.functional.adaptive_avg_pool1d/2d/3d`."""
+"""`pool` adapter: InfMLLM exact cell means and Open-Qwen2VL adaptive pooling, against hand-computed means and an
+explicit loop over adaptive pooling's bins (``[floor(i L / out), ceil((i + 1) L / out))``), masked and unmasked."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import adapters.pool  # noqa: F401  (registers "pool")
@@ -101,25 +101,129 @@ def test_exact_equals_adaptive_on_divisible_grids(grid, grid_out):
 
 
 # ---------------------------------------------------------------------------------------------- adaptive mode
+def tol(dtype: torch.dtype, k: float = 32.0) -> dict[str, float]:
+    """``assert_close`` tolerances of `k` units of `dtype`'s machine epsilon (against a float64 reference)."""
+    eps = torch.finfo(dtype).eps
+    return {"rtol": k * eps, "atol": k * eps}
+
+
+def bin_edges(length: int, out: int) -> list[tuple[int, int]]:
+    """Adaptive average pooling's bins (the definition PyTorch documents and implements): bin ``i`` of ``out`` over
+    ``length`` covers ``[floor(i * length / out), ceil((i + 1) * length / out))``."""
+    return [((i * length) // out, -(-((i + 1) * length) // out)) for i in range(out)]
+
+
+def reference_pool(
+    x: torch.Tensor, grid: tuple[int, ...], out: tuple[int, ...], mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An explicit float64 loop over samples and output cells (row-major): each cell the mean of the grid tokens in
+    its bin (`bin_edges` per axis) that are real under `mask` (all when None).
+
+    Returns ``(mean_over_real [B, prod(out), C], mean_over_all [B, prod(out), C], has_real [B, prod(out)])``, with
+    ``mean_over_real`` zero where the cell holds no real token (the adapter's documented masked semantics)."""
+    b, _, c = x.shape
+    x = x.double().reshape(b, *grid, c)
+    m = torch.ones(b, *grid, dtype=torch.bool) if mask is None else mask.reshape(b, *grid)
+    edges = [bin_edges(g, o) for g, o in zip(grid, out)]
+    real_means = torch.zeros(b, math.prod(out), c, dtype=torch.float64)
+    all_means = torch.zeros(b, math.prod(out), c, dtype=torch.float64)
+    has_real = torch.zeros(b, math.prod(out), dtype=torch.bool)
+    for s in range(b):
+        for j, cell in enumerate(itertools.product(*[range(o) for o in out])):
+            members = itertools.product(*[range(*edges[a][i]) for a, i in enumerate(cell)])
+            total_all, total_real, n_all, n_real = torch.zeros(c, dtype=torch.float64), 0.0, 0, 0
+            for idx in members:
+                total_all = total_all + x[(s, *idx)]
+                n_all += 1
+                if m[(s, *idx)]:
+                    total_real = total_real + x[(s, *idx)]
+                    n_real += 1
+            all_means[s, j] = total_all / n_all
+            if n_real:
+                real_means[s, j] = total_real / n_real
+                has_real[s, j] = True
+    return real_means, all_means, has_real
+
+
+def test_bin_edges_follow_the_definition_on_a_hand_example():
+    # 7 -> 3: [0, 7/3) -> 0..2, [7/3, 14/3) -> 2..4, [14/3, 7) -> 4..6: neighbouring bins share a token
+    assert bin_edges(7, 3) == [(0, 3), (2, 5), (4, 7)]
+    assert bin_edges(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]  # divisible: the exact cells
+
+
+def random_pos(grid, batch, prefix, suffix, gen, dtype) -> torch.Tensor:
+    """Random positions (not a regular grid) for the grid tokens; special tokens at -1 / -2."""
+    nd = len(grid)
+    g_pos = torch.randn(batch, math.prod(grid), nd, generator=gen, dtype=torch.float64) * 3.0
+    special = lambda k, value: torch.full((batch, k, nd), value, dtype=torch.float64)  # noqa: E731
+    return torch.cat([special(prefix, -1.0), g_pos, special(suffix, -2.0)], dim=1).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "grid,grid_out,fn",
+    "grid,grid_out",
     [
-        ((23,), (7,), F.adaptive_avg_pool1d),
-        ((14, 14), (5, 5), F.adaptive_avg_pool2d),
-        ((7, 9), (3, 4), F.adaptive_avg_pool2d),
-        ((27, 27), (12, 12), F.adaptive_avg_pool2d),  # Open-Qwen2VL: SigLIP 27 x 27 -> 144 tokens
-        ((5, 7, 9), (2, 3, 4), F.adaptive_avg_pool3d),
+        ((23,), (7,)),
+        ((14, 14), (5, 5)),
+        ((7, 9), (3, 4)),
+        ((27, 27), (12, 12)),  # Open-Qwen2VL: SigLIP 27 x 27 -> 144 tokens
+        ((5, 7, 9), (2, 3, 4)),
     ],
 )
-def test_adaptive_equals_torch_adaptive_avg_pool(grid, grid_out, fn):
-    t = make_tokens(grid, prefix=1, suffix=1, dim=5)
-    out = identity_pool(dim=5, grid_out=grid_out, mode="adaptive")(t)
-    b, d = 2, 5
-    ref = fn(t.grid_tokens().transpose(1, 2).reshape(b, d, *grid), grid_out).reshape(b, d, -1).transpose(1, 2)
-    torch.testing.assert_close(out.x, ref, rtol=0, atol=0)
-    assert out.grid == grid_out and out.num_prefix == out.num_suffix == 0
-    pos_ref = fn(t.pos[:, 1:-1].transpose(1, 2).reshape(b, len(grid), *grid), grid_out)
-    torch.testing.assert_close(out.pos, pos_ref.reshape(b, len(grid), -1).transpose(1, 2))
+def test_adaptive_equals_the_bin_definition(grid, grid_out, dtype):
+    gen = torch.Generator().manual_seed(sum(grid) * 7 + sum(grid_out))
+    b, d, n = 2, 5, math.prod(grid)
+    x = torch.randn(b, 1 + n + 1, d, generator=gen, dtype=torch.float64).to(dtype)
+    pos = random_pos(grid, b, 1, 1, gen, dtype)
+    t = Tokens(x=x, pos=pos, grid=grid, num_prefix=1, num_suffix=1, modality="image")
+    out = identity_pool(dim=d, grid_out=grid_out, mode="adaptive")(t)
+    assert out.grid == grid_out and out.num_prefix == out.num_suffix == 0 and out.mask is None
+    assert out.x.dtype == dtype and out.pos.dtype == dtype
+    ref_x, _, _ = reference_pool(x[:, 1:-1], grid, grid_out)
+    ref_pos, _, _ = reference_pool(pos[:, 1:-1], grid, grid_out)
+    torch.testing.assert_close(out.x.double(), ref_x, **tol(dtype))
+    torch.testing.assert_close(out.pos.double(), ref_pos, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "grid,grid_out,mode",
+    [
+        ((23,), (7,), "adaptive"),
+        ((7, 9), (3, 4), "adaptive"),
+        ((9, 9), (4, 4), "adaptive"),
+        ((5, 7, 9), (2, 3, 4), "adaptive"),
+        ((8, 12), (4, 3), "exact"),
+        ((4, 6, 6), (2, 3, 3), "exact"),
+    ],
+)
+def test_masked_pooling_equals_the_mean_over_real_tokens_of_each_bin(grid, grid_out, mode, dtype):
+    """Masked path, against the loop: features and positions averaged over the real tokens of each bin only; a bin
+    without a real token is zero before the projection, False in the mask, and its position is the mean over all its
+    tokens. The linear projection's weight and bias are random, so the zero of an empty cell shows as the bias."""
+    gen = torch.Generator().manual_seed(sum(grid) * 11 + sum(grid_out))
+    b, d, n = 3, 5, math.prod(grid)
+    x = torch.randn(b, 1 + n, d, generator=gen, dtype=torch.float64).to(dtype)
+    pos = random_pos(grid, b, 1, 0, gen, dtype)
+    mask = torch.rand(b, 1 + n, generator=gen) > 0.5
+    mask[0, 1 : 1 + n // 2] = False  # sample 0: its first half padded, so some cells hold no real token
+    mask[1, 1:] = True  # sample 1: no padding
+    mask[2, 1 + n // 3 :] = False  # sample 2: a random prefix, then padding
+    t = Tokens(x=x, mask=mask, pos=pos, grid=grid, num_prefix=1, modality="image")
+    adapter = create_adapter("pool", d, 4, grid_out=grid_out, mode=mode, proj="linear").to(dtype)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    with torch.no_grad():
+        out = adapter(t)
+    ref_x, _, has_real = reference_pool(x[:, 1:], grid, grid_out, mask[:, 1:])
+    ref_pos_real, ref_pos_all, _ = reference_pool(pos[:, 1:], grid, grid_out, mask[:, 1:])
+    assert (~has_real[0]).any() and has_real[0].any() and has_real[1].all(), "the sample must cover every case"
+    assert torch.equal(out.mask, has_real)
+    w, bias = adapter.proj.weight.double(), adapter.proj.bias.double()
+    torch.testing.assert_close(out.x.double(), ref_x @ w.T + bias, **tol(dtype, 64))
+    ref_pos = torch.where(has_real.unsqueeze(-1), ref_pos_real, ref_pos_all)
+    torch.testing.assert_close(out.pos.double(), ref_pos, **tol(dtype))
 
 
 def test_adaptive_int_grid_out_and_3d_temporal_ceil():

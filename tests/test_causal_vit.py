@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmblocks.heads import ClassifierHead
 from mmblocks.layers import masked_attention, soft_mask_weights
@@ -186,6 +187,94 @@ def test_presets_and_illama_sizes():
     assert blk.mlp.fc1_g.bias is None and blk.attn.qkv.bias is not None
 
 
+def _randomise_(module: torch.nn.Module, seed: int) -> None:
+    """Every parameter random, seeded: weights N(0, 1/fan_in); biases, norm scales, the cls token and the position
+    table N(0, 1) (iLLaMA's init leaves biases at 0, norm scales at 1 and the cls token near 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            std = math.prod(p.shape[1:]) ** -0.5 if p.dim() >= 2 and p.shape[0] > 1 else 1.0
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+
+
+def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.double()
+
+
+def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    y = x @ layer.weight.double().T
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+def _rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half layout: channel ``i`` and ``i + d/2`` rotate together by ``angles[..., i]``."""
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def _rope_angles(vit: CausalViT, n: int, grid: tuple[int, int], head_dim: int, theta: float = 1e4) -> torch.Tensor:
+    """``[n, head_dim / 2]`` angles. 1-D (iLLaMA): token ``t`` (cls included) rotates pair ``i`` by
+    ``t * theta^(-2i/d)``. 2-D (VisionLLaMA): pair ``2m + a`` rotates by ``(row, col)[a] * theta^(-4m/d)``; the cls
+    token is not rotated."""
+    half = head_dim // 2
+    if vit.rope == "1d":
+        inv = theta ** (-2.0 * torch.arange(half, dtype=torch.float64) / head_dim)
+        return torch.arange(n, dtype=torch.float64)[:, None] * inv
+    angles = torch.zeros(n, half, dtype=torch.float64)
+    first = 1 if vit.cls_position == "first" else 0
+    for t in range(grid[0] * grid[1]):
+        row, col = divmod(t, grid[1])
+        for m in range(half // 2):
+            freq = theta ** (-4.0 * m / head_dim)
+            angles[first + t, 2 * m], angles[first + t, 2 * m + 1] = row * freq, col * freq
+    return angles
+
+
+def reference_causal_vit(vit: CausalViT, images: torch.Tensor, ratio: float | None = None) -> torch.Tensor:
+    """iLLaMA's forward (arXiv 2404.06773) written out in float64 from the weights, with plain tensor ops: patch
+    embedding as reshape + matmul, learned positions, the cls token after (or before) the patches, pre-norm blocks
+    (RMSNorm, fused qkv, RoPE, masked softmax attention, proj, RMSNorm, SwiGLU), final RMSNorm. The mask is explicit:
+    ``causal`` (``pre_softmax``) sets the scores above the diagonal to -inf before the softmax; ``post_softmax_mult``
+    multiplies the softmax by the lower triangle (no renormalisation); ``soft`` (``pre_softmax``) weights the
+    softmax by ``M = r + (1 - r) tril`` and renormalises; ``bidirectional`` masks nothing. Returns ``[B, N, D]``."""
+    tok = vit.make_tokenizer()
+    proj = tok.patch_embed.proj
+    d, c, p, _ = proj.weight.shape
+    b, _, hh, ww = images.shape
+    grid = (hh // p, ww // p)
+    x = images.double().reshape(b, c, grid[0], p, grid[1], p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+    x = x @ proj.weight.double().reshape(d, -1).T + proj.bias.double()
+    table = tok.pos_embed.double()  # [1, 1 + h*w, D], the cls entry first (timm's layout)
+    cls = (tok.cls_token.double() + table[:, :1]).expand(b, -1, -1)
+    x = x + table[:, 1:]
+    x = torch.cat([x, cls] if vit.cls_position == "last" else [cls, x], dim=1)
+    n, heads = x.shape[1], vit.num_heads
+    hd = d // heads
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()  # query i sees key j <= i
+    angles = _rope_angles(vit, n, grid, hd) if vit.rope != "none" else None
+    for blk in vit.blocks:
+        h = _rms_norm(x, blk.norm1)
+        q, k, v = _linear(h, blk.attn.qkv).reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        if angles is not None:
+            q, k = _rotate(q, angles), _rotate(k, angles)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(hd)
+        if vit.attention == "bidirectional":
+            weights = scores.softmax(-1)
+        elif vit.attention == "causal" and vit.causal_impl == "pre_softmax":
+            weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        elif vit.attention == "causal":  # post_softmax_mult
+            weights = scores.softmax(-1) * allowed
+        else:  # soft, pre_softmax
+            unnorm = scores.exp() * torch.where(allowed, 1.0, ratio)
+            weights = unnorm / unnorm.sum(-1, keepdim=True)
+        out = (weights @ v).transpose(1, 2).reshape(b, n, d)
+        x = x + _linear(out, blk.attn.proj)
+        h = _rms_norm(x, blk.norm2)
+        x = x + _linear(F.silu(_linear(h, blk.mlp.fc1_g)) * _linear(h, blk.mlp.fc1_x), blk.mlp.fc2)
+    return _rms_norm(x, vit.norm)
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -194,21 +283,36 @@ def test_presets_and_illama_sizes():
         {"attention": "soft", "soft_mask": 0.5},
         {"attention": "bidirectional", "rope": "2d", "rope_train_grid": "auto"},
         {"cls_position": "first", "rope": "none"},
+        {"cls_position": "first", "rope": "2d"},
     ],
 )
-def test_forward_shapes_readout_and_encoder(kw):
-    vit = _vit(**kw)
+def test_forward_equals_the_written_out_illama_reference(kw):
+    """Encoder and direct forward against `reference_causal_vit` (an independent float64 forward from the weights,
+    every parameter random): a wrong mask (e.g. bidirectional where causal), rotary, cls placement or readout fails.
+    Tolerance: float32 (the model's dtype) epsilons."""
+    vit = CausalViT("tiny", img_size=(IMG, 48), depth=2, **kw)  # a 2 x 3 grid, at the training size
+    _randomise_(vit, seed=len(kw))
+    ratio = None
+    if vit.attention == "soft":
+        ratio = 0.3
+        vit.set_soft_mask_ratio(ratio)
     tok = vit.make_tokenizer()
     head = ClassifierHead(vit.embed_dim, 5, pool=vit.readout)
+    _randomise_(head, seed=100)
     enc = MMEncoder(tok, vit, None, head).eval()
-    images = torch.randn(2, 3, IMG, IMG)
+    images = torch.randn(2, 3, IMG, 48, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         feats = enc.forward_features(images)
         logits = enc(images)
         direct = vit.forward_features(images)
-    assert feats.x.shape == (2, 5, 192) and logits.shape == (2, 5)
-    torch.testing.assert_close(feats.x, direct.x)
-    torch.testing.assert_close(logits, head.fc(vit.pooled(feats)))
+    ref = reference_causal_vit(vit, images, ratio)
+    assert feats.x.shape == ref.shape == (2, 7, 192) and logits.shape == (2, 5)
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(feats.x.double(), ref, rtol=256 * eps, atol=256 * eps)
+    torch.testing.assert_close(direct.x.double(), ref, rtol=256 * eps, atol=256 * eps)
+    readout = ref[:, -1] if vit.cls_position == "last" else ref[:, 0]
+    ref_logits = readout @ head.fc.weight.double().T + head.fc.bias.double()
+    torch.testing.assert_close(logits.double(), ref_logits, rtol=256 * eps, atol=256 * eps)
     if vit.cls_position == "last":
         assert feats.num_suffix == 1 and head.pool == "last"
     else:

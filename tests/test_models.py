@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 
 from adapters import create_adapter, list_adapters
@@ -25,26 +24,102 @@ def _vit(**kw):
 )
 @pytest.mark.parametrize("size", [32, 48])
 def test_image_patches_equals_timm_token_layout(kw, size):
-    """Patch embedding, cls/register tokens, positions and their interpolation equal timm's own `_pos_embed`."""
+    """Patch embedding, cls/register tokens, positions and their interpolation equal timm's own `_pos_embed`
+    (timm is the external oracle), with every parameter of the timm model random (timm's init leaves the cls and
+    register tokens at ~1e-6 and the conv bias at 0, which would hide a dropped or misplaced one)."""
     vit = _vit(**kw)
+    _randomise_(vit.patch_embed, vit.cls_token, vit.reg_token, vit.pos_embed, seed=size)
     tok = ImagePatches.from_timm(vit)
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         ref = vit._pos_embed(vit.patch_embed(x))
         out = tok(x)
-    torch.testing.assert_close(out.x, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.x, ref, **_tol(torch.float32))
     g = size // 4
     assert out.grid == (g, g) and out.num_prefix == vit.num_prefix_tokens and out.modality == "image"
     assert out.pos.shape == (2, out.num_tokens, 2)
     torch.testing.assert_close(out.pos[0, out.num_prefix + g + 1], torch.tensor([1.0, 1.0]))
 
 
-def test_image_patches_conv_equals_timm_patch_embed():
-    pe = timm.layers.PatchEmbed(img_size=32, patch_size=4, in_chans=3, embed_dim=64)
-    tok = ImagePatches(img_size=32, patch_size=4, embed_dim=64, class_token=False, pos_embed="none")
-    tok.patch_embed.proj.load_state_dict(pe.proj.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(tok(x).x, pe(x), atol=1e-6, rtol=0)
+def _tol(dtype: torch.dtype, k: float = 16.0) -> dict[str, float]:
+    """``assert_close`` tolerances of `k` units of `dtype`'s machine epsilon."""
+    eps = torch.finfo(dtype).eps
+    return {"rtol": k * eps, "atol": k * eps}
+
+
+def _randomise_(*params: torch.nn.Module | torch.Tensor | None, seed: int = 0, std: float = 1.0) -> None:
+    """Every parameter of the given modules / tensors (None skipped) to N(0, std^2), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for item in params:
+            if item is None:
+                continue
+            for p in item.parameters() if isinstance(item, torch.nn.Module) else [item]:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+
+
+def reference_patch_tokens(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    prefix: torch.Tensor | None,
+    pos_table: torch.Tensor | None,
+    no_embed_class: bool,
+) -> torch.Tensor:
+    """ViT's token layout written out (Dosovitskiy et al. 2021, eq. 1), in float64, without a convolution: cut the
+    image into non-overlapping ``p x p`` patches in row-major order, flatten each as ``(c, i, j)``, multiply by the
+    conv weight seen as ``[D, C p p]`` and add the bias; prepend the prefix tokens (cls, registers); add the position
+    table to every token (or, ``no_embed_class``, to the patches only)."""
+    d, c, p, _ = weight.shape
+    b, _, hh, ww = images.shape
+    h, w = hh // p, ww // p
+    patches = images.double().reshape(b, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c * p * p)
+    x = patches @ weight.double().reshape(d, c * p * p).T
+    if bias is not None:
+        x = x + bias.double()
+    if pos_table is not None and no_embed_class:
+        x = x + pos_table.double()
+    if prefix is not None:
+        x = torch.cat([prefix.double().expand(b, -1, -1), x], dim=1)
+    if pos_table is not None and not no_embed_class:
+        x = x + pos_table.double()
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"class_token": False, "pos_embed": "none"},
+        {"class_token": False, "pos_embed": "none", "bias": False},
+        {},
+        {"num_registers": 3},
+        {"num_registers": 2, "no_embed_class": True},
+    ],
+)
+def test_image_patches_equal_the_unfolded_patch_matmul(kw, dtype):
+    """Independent oracle of `ImagePatches` (patch embedding, prefix tokens, positions) at the training size: the
+    patch embedding as reshape + matmul with the conv weights, every parameter random, a non-square image."""
+    tok = ImagePatches(img_size=(24, 32), patch_size=4, in_chans=3, embed_dim=20, **kw).to(dtype)
+    _randomise_(tok, seed=len(kw))
+    images = torch.randn(2, 3, 24, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    with torch.no_grad():
+        out = tok(images)
+    prefix = [t for t in (tok.cls_token, tok.reg_token) if t is not None]
+    proj = tok.patch_embed.proj
+    ref = reference_patch_tokens(
+        images,
+        proj.weight,
+        proj.bias,
+        torch.cat(prefix, dim=1) if prefix else None,
+        tok.pos_embed,
+        kw.get("no_embed_class", False),
+    )
+    num_prefix = int(kw.get("class_token", True)) + kw.get("num_registers", 0)
+    assert out.x.dtype == dtype and out.grid == (6, 8) and out.num_prefix == num_prefix
+    assert out.x.shape == ref.shape == (2, num_prefix + 48, 20)
+    assert (proj.bias is None) == (kw.get("bias") is False)
+    torch.testing.assert_close(out.x.double(), ref, **_tol(dtype, 64))
 
 
 def test_image_patches_sincos_and_errors():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -205,18 +208,61 @@ def _point_encoder(llm_blocks=None):
     return MMEncoder(tok, backbone, stage, ClassifierHead(32, 4), insert_at=1 if stage else None)
 
 
-def test_point_transformer_adds_positions_before_every_block():
+def _randomise_(module: torch.nn.Module, seed: int) -> None:
+    """Every parameter of `module` random (weights N(0, 1/fan_in), everything else - biases, norm scales, cls token
+    and cls position - N(0, 1)), seeded; every BatchNorm's running statistics random too."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            std = math.prod(p.shape[1:]) ** -0.5 if p.dim() >= 2 and p.shape[0] > 1 else 1.0
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g, dtype=torch.float64))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g, dtype=torch.float64) + 0.5)
+
+
+def _tol(dtype: torch.dtype, k: float) -> dict[str, float]:
+    """``assert_close`` tolerances of `k` units of `dtype`'s machine epsilon (against a float64 reference)."""
+    eps = torch.finfo(dtype).eps
+    return {"rtol": k * eps, "atol": k * eps}
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def reference_point_bert(tokens, backbone) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point-BERT's transformer written out in float64 (``TransformerEncoder.forward``: ``x = block(x + pos)`` for
+    every block, ``pos = MLP(centre)``: Linear(3, 128) -> GELU -> Linear(128, D), the cls token's position a learned
+    vector), then the final LayerNorm. Only timm's `Block` (the external library) is reused, from a float64 copy.
+    Returns ``(before the final norm, after it)``."""
+    lin1, lin2 = backbone.pos_mlp[0], backbone.pos_mlp[2]
+    centres = tokens.pos[:, 1:].double()  # the tokens after the cls
+    pos = _gelu(centres @ lin1.weight.double().T + lin1.bias.double()) @ lin2.weight.double().T + lin2.bias.double()
+    pos = torch.cat([backbone.cls_pos.double().expand(pos.shape[0], -1, -1), pos], dim=1)
+    x = tokens.x.double()
+    for blk in backbone.blocks:
+        x = copy.deepcopy(blk).double()(x + pos)
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    normed = (x - mean) / torch.sqrt(var + backbone.norm.eps)
+    normed = normed * backbone.norm.weight.double() + backbone.norm.bias.double()
+    return x, normed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_point_transformer_adds_positions_before_every_block(dtype):
     enc = _point_encoder().eval()
-    pts = _clouds(b=2, p=200)
+    _randomise_(enc, seed=1)
+    enc = enc.to(dtype)
+    pts = _clouds(b=2, p=200).to(dtype)
     with torch.no_grad():
         tokens = enc.tokenizer(pts)
-        pos = enc.backbone.block_positions(tokens)
-        x = tokens.x
-        for blk in enc.backbone.blocks:  # Point-BERT: x = block(x + pos), every block
-            x = blk(x + pos)
-        torch.testing.assert_close(enc.forward_features(pts).x, enc.backbone.norm(x))
-        torch.testing.assert_close(enc.backbone(tokens).x, x)
+        ref_blocks, ref_final = reference_point_bert(tokens, enc.backbone)
+        torch.testing.assert_close(enc.forward_features(pts).x.double(), ref_final, **_tol(dtype, 128))
+        torch.testing.assert_close(enc.backbone(tokens).x.double(), ref_blocks, **_tol(dtype, 128))
     assert tokens.pos.shape == (2, 17, 3) and enc.tokenizer.pos_mlp is None
+    torch.testing.assert_close(tokens.pos[:, 0], torch.zeros(2, 3, dtype=dtype))  # the cls token at the origin
 
 
 def test_point_encoder_with_frozen_llm_block_trains_the_rest(tiny_checkpoint):
