@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_tiny_model, hidden_states
+from tiny_configs import tiny_config
+from transformers import AutoConfig
 
 from mmblocks.llm import FAMILIES, list_families, load_blocks
 from mmblocks.llm.load import supported_attn_implementations
@@ -44,15 +46,26 @@ def test_layers_match_model_forward(family, impl, tiny_checkpoint):
     torch.testing.assert_close(out, hs[3], atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_sharded_checkpoint_matches(family, tiny_checkpoint):
+def _family_impls() -> list[tuple[str, str]]:
+    """Every (family, backend) pair the architecture supports (from its config class, no model built)."""
+    pairs = []
+    for family in FAMILY_NAMES:
+        config = AutoConfig.for_model(family, **tiny_config(family))
+        pairs += [(family, i) for i in ("eager", "sdpa") if i in supported_attn_implementations(config)]
+    return pairs
+
+
+@pytest.mark.parametrize(("family", "impl"), _family_impls())
+def test_sharded_checkpoint_matches(family, impl, tiny_checkpoint):
     folder = tiny_checkpoint(family, sharded=True)
     assert (folder / "model.safetensors.index.json").is_file()
-    model = build_tiny_model(family)
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
+    model = build_tiny_model(family, attn_implementation=impl)
     hs, _ = hidden_states(model)
     blocks = load_blocks(
-        folder, range(1, 3), attention=_mode(family), rope="native", final_norm="none", attn_implementation="eager"
+        folder, range(1, 3), attention=_mode(family), rope="native", final_norm="none", attn_implementation=impl
     )
+    assert blocks.attn_implementation == impl
     with torch.no_grad():
         torch.testing.assert_close(blocks(hs[1]), hs[3], atol=TOL, rtol=0)
 

