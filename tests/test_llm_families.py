@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_tiny_model
 
 from mmblocks.layers.norms import is_norm_module
 from mmblocks.llm import FAMILIES, list_families, load_blocks, lora_target_modules
@@ -54,10 +55,53 @@ def test_expand_is_identity_at_init_where_the_layer_is_pre_norm(family, tiny_che
     assert {n.split(".")[1] for n, p in exp.named_parameters() if p.requires_grad} == {"1", "3"}
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_random_control_runs(family, tiny_checkpoint):
-    blocks = load_blocks(tiny_checkpoint(family), [0], tune="random", seed=0)
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    """`trained_checkpoint(family)` -> (folder, layer-0 parameters): the tiny model with every parameter moved far
+    from its init (x -2.5 + 0.3: norms no longer 1, biases no longer 0, weights off-scale), as pretraining would,
+    so a re-initialised layer is told apart from a loaded one."""
+    cache = {}
+
+    def make(family):
+        if family not in cache:
+            model = build_tiny_model(family)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(-2.5).add_(0.3)
+            folder = tmp_path_factory.mktemp(f"trained-{family}")
+            model.save_pretrained(folder)
+            layer = model.base_model.get_submodule(FAMILIES[family].layers)[0]
+            cache[family] = folder, {n: p.detach().clone() for n, p in layer.named_parameters()}
+        return cache[family]
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "family",
+    FAMILY_NAMES,
+)
+def test_random_control_reinitialises_with_the_family_init(family, trained_checkpoint):
+    """tune="random": every parameter of the layer differs from the checkpoint's and follows the family's own init,
+    as `transformers` draws it for a fresh model (another seed): the same constants (norm weights, zero biases)
+    and, for random tensors, the same mean and std up to sampling error."""
+    folder, trained = trained_checkpoint(family)
+    blocks = load_blocks(folder, [0], tune="random", seed=0)
+    fresh = build_tiny_model(family, seed=1).base_model.get_submodule(FAMILIES[family].layers)[0]
+    expected = dict(fresh.named_parameters())
+    ours = dict(blocks.layers[0].named_parameters())
+    assert ours.keys() == expected.keys() == trained.keys()
     with torch.no_grad():
+        for name, p in ours.items():
+            ref = expected[name]
+            assert not torch.allclose(p, trained[name]), f"{family}.{name} still holds the checkpoint's values"
+            if ref.numel() == 1 or ref.std() == 0:
+                assert torch.equal(p, ref), f"{family}.{name}: {p.flatten()[:4]} vs the init's {ref.flatten()[:4]}"
+                continue
+            n, std = ref.numel(), ref.std().item()
+            # two independent samples of one distribution: std to ~sqrt(1 / n), mean to ~std * sqrt(2 / n) (5 sigma)
+            assert abs(p.std().item() / std - 1) < 5 * n**-0.5, f"{family}.{name}: std {p.std():.4g} vs {std:.4g}"
+            assert abs(p.mean().item() - ref.mean().item()) < 5 * std * (2 / n) ** 0.5, f"{family}.{name}: mean"
         assert torch.isfinite(blocks(_x())).all()
 
 

@@ -103,16 +103,21 @@ def _load_module(module: nn.Module, reader: TensorReader, available: set[str], p
 
 
 def _materialize_random(module: nn.Module, base: nn.Module, generator_seed: int | None) -> None:
-    """Give meta parameters real storage and the family's own init (the random-init control)."""
+    """Give meta parameters real storage and the family's own init (the random-init control), as `transformers`
+    initialises a fresh model: each module's ``reset_parameters`` and the family's ``_init_weights``, children before
+    parents (a parent's scaled init, e.g. GPT-2's ``c_proj`` at 0.02/sqrt(2 n_layer), must not be overwritten by its
+    child's plain one). A parameter that neither sets (one only a constructor sets, e.g. xIELU's ``alpha_p``) is
+    read from the same layer built on the CPU; one that cannot be is an error, never left as garbage."""
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
-            if p is not None and p.is_meta:
-                sub._parameters[name] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+            if p is not None and p.is_meta:  # NaN: what no init writes is found below
+                data = torch.full_like(p, float("nan"), device="cpu")
+                sub._parameters[name] = nn.Parameter(data, requires_grad=p.requires_grad)
     ctx = torch.random.fork_rng(devices=[]) if generator_seed is not None else contextlib.nullcontext()
     with ctx:
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
-        for sub in module.modules():
+        for sub in reversed(list(module.modules())):
             if hasattr(sub, "reset_parameters"):
                 sub.reset_parameters()
             elif is_norm_module(sub):
@@ -120,6 +125,29 @@ def _materialize_random(module: nn.Module, base: nn.Module, generator_seed: int 
                     for p in sub.parameters(recurse=False):
                         p.fill_(0.0 if "Gemma" in type(sub).__name__ else 1.0)
             type(base)._init_weights(base, sub)
+        _init_leftovers(module, base.config)
+
+
+def _init_leftovers(module: nn.Module, config: Any) -> None:
+    """Parameters no init wrote (still NaN) take the values of a layer built on the CPU by its own constructor,
+    which is where they are set (the parent passes arguments such as ``dtype=config.dtype``)."""
+    left = [n for n, p in module.named_parameters() if p.is_floating_point() and bool(torch.isnan(p).all())]
+    if not left:
+        return
+    try:
+        try:
+            fresh = type(module)(config, layer_idx=getattr(module, "layer_idx", 0))
+        except TypeError:
+            fresh = type(module)(config)
+    except Exception as err:
+        raise ValueError(
+            f"random init: neither reset_parameters nor the family's _init_weights sets {left[:3]} of "
+            f"{type(module).__name__}, and the module cannot be rebuilt from its config to read them ({err})"
+        ) from err
+    own, theirs = dict(module.named_parameters()), dict(fresh.named_parameters())
+    with torch.no_grad():
+        for name in left:
+            own[name].copy_(theirs[name].detach().to(own[name].dtype))
 
 
 def load_blocks(
