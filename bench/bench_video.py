@@ -4,16 +4,17 @@ Clips: 16-frame mp4s made with `encode_video` (mpeg4, synthetic natural-looking 
 panning slowly and a smooth textured square moving across it), at 64x64 and 112x112. Each clip is processed alone
 (batch 1), as a data-loader worker would: ``decode_video(num_frames=16)`` -> `normalize_frames` -> tokenizer.
 
-Rows per size (the decode-only rate is the bound; ``vs decode`` = rate / decode-only rate; each rate is the
-fastest of round-robin passes over the clips, each block-matching time the fastest of 7 runs; the NumPy loop runs once):
+Rows per size (the decode-only rate is the bound; ``vs decode`` = rate / decode-only rate; each rate is the median
+over passes in which every clip goes through every row in turn (`rates`), with the slowest and fastest pass beside it):
   decode            decode_video, 16 uniform frames, RGB conversion
   decode+mvs        decode_video(export_mvs=True): + codec motion vectors -> dense field
   decode+tubelets   + VideoTubelets (Conv3d 2x16x16 -> D, sincos positions)
   decode+bm motion  + MotionTokens(source="block_matching"): block_matching (16x16, search 7) + Conv3d
   decode+codec mot  decode_video(export_mvs=True) + MotionTokens(source="codec")
-Then `block_matching` vs `numpy_block_matching` (the same search as a plain per-block NumPy loop, kept here; the
-test suite's oracle is `tests/test_motion.py`'s) on the rounded luma of one decoded clip, outputs checked equal,
-measured in the same run.
+Then `block_matching` vs `vectorised_block_matching` (the same exhaustive search written the obvious vectorised way
+in torch: the fair speed reference) on the rounded luma of one decoded clip, each the fastest of 7 runs, outputs
+checked equal to each other and to `numpy_block_matching` (a plain per-block NumPy loop, timed once and shown for
+scale only; the test suite's oracle is `tests/test_motion.py`'s).
 
 Usage: python bench/bench_video.py [--sizes 64 112] [--frames 16] [--clips 6] [--seconds 2] [--dim 384] [--threads 1]
        [--thread-type AUTO|FRAME|SLICE|NONE]
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
 
 import av
@@ -93,23 +95,50 @@ def synthetic_clip(t: int, size: int, seed: int) -> np.ndarray:
     return np.clip(np.stack(frames), 0, 255).astype(np.uint8)
 
 
-def rates(fns: list, items: list, seconds: float, min_passes: int = 3) -> list[float]:
-    """Items per second of each ``fn(item)``: round-robin passes over ``items`` (one pass of each fn in turn, so all
-    see the same machine load) for about ``seconds`` per fn, at least ``min_passes`` each, after one warm-up pass;
-    the fastest pass counts, so other load on a shared machine inflates the figures least."""
+def rates(fns: list, items: list, seconds: float, min_passes: int = 5) -> list[tuple[float, float, float]]:
+    """Items per second of each ``fn(item)`` as ``(median, slowest, fastest)`` over passes. Interleaved per item:
+    each item goes through every fn in turn (the starting fn rotating from pass to pass), so that all rows see the
+    same machine load and the same warm caches; about ``seconds`` per fn, at least ``min_passes``, after one warm-up
+    pass. A row whose work includes another's (codec motion = decode with vectors + tokens) can then only come out
+    faster by less than the spread the figures show."""
     for fn in fns:
         for it in items:
             fn(it)
-    best = [float("inf")] * len(fns)
+    totals: list[list[float]] = [[] for _ in fns]
     passes, t_start = 0, time.perf_counter()
     while passes < min_passes or time.perf_counter() - t_start < seconds * len(fns):
-        for k, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            for it in items:
-                fn(it)
-            best[k] = min(best[k], time.perf_counter() - t0)
+        spent = [0.0] * len(fns)
+        for i, it in enumerate(items):
+            for j in range(len(fns)):
+                k = (j + i + passes) % len(fns)
+                t0 = time.perf_counter()
+                fns[k](it)
+                spent[k] += time.perf_counter() - t0
+        for k, t in enumerate(spent):
+            totals[k].append(t)
         passes += 1
-    return [len(items) / b for b in best]
+    return [(len(items) / statistics.median(t), len(items) / max(t), len(items) / min(t)) for t in totals]
+
+
+def vectorised_block_matching(luma: torch.Tensor, block: int = 16, search: int = 7) -> torch.Tensor:
+    """The same exhaustive search written the obvious vectorised way in torch (a fair speed reference): for every
+    displacement, the shifted edge-extended previous frame, ``|cur - shifted|`` summed per block; the first minimum
+    over the displacements in the documented tie order wins. ``[B, T, 1, H, W]`` -> ``[B, T-1, 2, H/b, W/b]``."""
+    y = luma[:, :, 0].to(torch.float64)
+    b, t, h, w = y.shape
+    hb, wb, s = h // block, w // block, search
+    n = b * (t - 1)
+    prev = F.pad(y[:, :-1].reshape(n, 1, h, w), (s, s, s, s), mode="replicate")[:, 0]
+    cur = y[:, 1:].reshape(n, h, w)[:, : hb * block, : wb * block]
+    window = range(-s, s + 1)
+    order = sorted(((dx, dy) for dy in window for dx in window), key=lambda d: (d[0] ** 2 + d[1] ** 2, d[1], d[0]))
+    sads = []
+    for dx, dy in order:
+        shifted = prev[:, s - dy : s - dy + hb * block, s - dx : s - dx + wb * block]
+        sads.append((cur - shifted).abs().reshape(n, hb, block, wb, block).sum((2, 4)))
+    best = torch.stack(sads).argmin(0)  # the first minimum: the tie order
+    d = torch.tensor(order, dtype=torch.float32)[best]  # [n, hb, wb, 2] = (dx, dy)
+    return d.permute(0, 3, 1, 2).reshape(b, t - 1, 2, hb, wb)
 
 
 def best_time(fn, repeats: int) -> float:
@@ -145,7 +174,7 @@ def main() -> None:
         f"motion: block 16, search 7, token 2 steps x 1x1 blocks, decode thread_type {args.thread_type or 'default'}, "
         f"~{args.seconds:.0f} s per row"
     )
-    header = f"{'size':>7} {'pipeline':<18} {'clips/s':>9} {'ms/clip':>8} {'vs decode':>9}"
+    header = f"{'size':>7} {'pipeline':<18} {'clips/s':>9} {'ms/clip':>8} {'vs decode':>9}   (slowest-fastest pass)"
     print(header)
     print("-" * len(header))
     bm_rows = []
@@ -183,8 +212,9 @@ def main() -> None:
         ]
         with torch.inference_mode():
             measured = rates([fn for _, fn in rows], clips, args.seconds)
-            for (name, _), r in zip(rows, measured):
-                print(f"{size:>4}px  {name:<18} {r:>9.1f} {1000 / r:>8.2f} {r / measured[0]:>9.2f}")
+            base = measured[0][0]
+            for (name, _), (r, lo, hi) in zip(rows, measured):
+                print(f"{size:>4}px  {name:<18} {r:>9.1f} {1000 / r:>8.2f} {r / base:>9.2f}   ({lo:.0f}-{hi:.0f})")
             # block matching vs the per-block NumPy loop on the rounded luma of one decoded clip (integer SADs: the
             # two must agree exactly, ties included)
             x = luminance(decode_video(clips[0], num_frames=n).frames.permute(0, 3, 1, 2)[None]).round()[:, :, None]
@@ -194,12 +224,21 @@ def main() -> None:
             t_ref = time.perf_counter() - t_ref0
             if not torch.equal(ours, torch.from_numpy(ref)):
                 raise SystemExit(f"block_matching and the reference disagree at {size}px")
+            if not torch.equal(ours, vectorised_block_matching(x)):
+                raise SystemExit(f"block_matching and the vectorised reference disagree at {size}px")
             t_ours = best_time(lambda x=x: block_matching(x), 7)
-            bm_rows.append((size, x.shape[1] - 1, t_ours, t_ref))
+            t_vec = best_time(lambda x=x: vectorised_block_matching(x), 7)
+            bm_rows.append((size, x.shape[1] - 1, t_ours, t_vec, t_ref))
     print()
-    print(f"{'size':>7} {'pairs':>5} {'block_matching ms':>18} {'NumPy loop ms':>14} {'speed-up':>9}")
-    for size, pairs, t_ours, t_ref in bm_rows:
-        print(f"{size:>4}px  {pairs:>5} {t_ours * 1000:>18.2f} {t_ref * 1000:>14.1f} {t_ref / t_ours:>8.0f}x")
+    print(
+        f"{'size':>7} {'pairs':>5} {'block_matching ms':>18} {'vectorised torch ms':>20} {'ratio':>6} "
+        f"{'NumPy loop ms':>14}"
+    )
+    for size, pairs, t_ours, t_vec, t_ref in bm_rows:
+        print(
+            f"{size:>4}px  {pairs:>5} {t_ours * 1000:>18.2f} {t_vec * 1000:>20.2f} {t_vec / t_ours:>5.1f}x "
+            f"{t_ref * 1000:>14.1f}"
+        )
 
 
 if __name__ == "__main__":
