@@ -68,7 +68,7 @@ def loader_epoch(loader, epoch: int) -> float:
     t0 = time.perf_counter()
     n = sum(len(batch.key) for batch in loader)
     rate = n / (time.perf_counter() - t0)
-    assert n == loader.num_samples and loader.stats["skipped"] == 0
+    assert n == loader.num_samples and loader.stats["lost"] == 0
     return rate
 
 

@@ -7,7 +7,7 @@
         loader.set_epoch(epoch)
         for batch in loader:          # batch.image [B, 3, 32, 32] float32, batch.label [B] int64, batch.key list[str]
             ...
-        print(loader.stats)           # {"epoch": 9, "samples": 5440, "skipped": 0, "shard_errors": 0, ...}
+        print(loader.stats)           # {"epoch": 9, "samples": 5440, "lost": 0, "corrupt": 0, ...}
 
 Besides the media (decoded by the modality's codec, `mmblocks.data.codecs`), the loader decodes the fields the shards
 carry (`mmblocks.data.schema.FIELD_KEYS`): ``cls`` (the label, ``batch.label``), ``txt`` (a caption or transcript) and
