@@ -42,14 +42,14 @@ torch.save(found, out)
 TRAIN = r"""
 import json, sys, warnings
 warnings.simplefilter("ignore")
-tree, data, out = sys.argv[1], sys.argv[2], sys.argv[3]
+tree, data, out, tune = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 sys.path.insert(0, tree)
 overrides = [f"data.root={data}", f"train.out_dir={out}", "data.channels=1", "data.image_size=16",
              "model.backbone.img_size=16", "model.backbone.patch_size=4", "model.backbone.depth=2",
              "model.backbone.embed_dim=32", "model.backbone.num_heads=2", "model.backbone.drop_path_rate=0.1",
              "data.batch_size=64", "data.num_workers=2", "data.augment=true", "train.lr=3e-3", "train.warmup_steps=2",
              "train.tensorboard=false", "train.progress=false", "train.log_every=1", "train.epochs=2",
-             "train.label_smoothing=0.1", "model.llm.enabled=true", "model.llm.tune=random", "model.head.dropout=0.1"]
+             "train.label_smoothing=0.1", "model.llm.enabled=true", f"model.llm.tune={tune}", "model.head.dropout=0.1"]
 config = f"{tree}/configs/image/digits_vit_tiny_smollm2.yaml"
 try:
     from mmblocks.recipes import train
@@ -74,6 +74,9 @@ def main() -> None:
         "--base", required=True, help="the revision to compare with (e.g. the commit before a refactor)"
     )
     parser.add_argument("--train", action="store_true", help="also compare a 40-step digits training run")
+    parser.add_argument(
+        "--tune", default="random", help="model.llm.tune of the training run (random: a SmolLM2-shaped random block)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -106,7 +109,7 @@ def main() -> None:
             runs = {}
             for tag, tree in (("base", base), ("here", REPO)):
                 out = f"{tmp}/run-{tag}"
-                summary = json.loads(_run(TRAIN, str(tree), f"{tmp}/digits", out).strip().splitlines()[-1])
+                summary = json.loads(_run(TRAIN, str(tree), f"{tmp}/digits", out, args.tune).strip().splitlines()[-1])
                 weights = load_file(str(latest_checkpoint(f"{out}/checkpoints") / "model.safetensors"))
                 records = [json.loads(line) for line in Path(f"{out}/metrics.jsonl").read_text().splitlines()]
                 train_rows = [(r["step"], r["loss"], r["acc"]) for r in records if r["split"] == "train"]
