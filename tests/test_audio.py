@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torchaudio.compliance.kaldi as kaldi
+from oracles import resize_matrix
 
 from tokenizers_mm.audio import AudioFrames, AudioPatches, fbank, fbank_with_lengths, num_fbank_frames
 from tokenizers_mm.registry import create_tokenizer
@@ -189,20 +190,6 @@ def test_ast_lengths_mask_and_gradients():
     assert tok.pos_embed.grad is not None and tok.cls_token.grad is not None
 
 
-def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """``[n_out, n_in]`` 1-D linear resampling with ``align_corners=False`` (as `torch.nn.functional.interpolate`
-    documents it): output ``i`` samples source coordinate ``(i + 0.5) * n_in / n_out - 0.5`` (clamped at 0),
-    interpolating its two neighbours (the last one repeated at the far edge)."""
-    m = np.zeros((n_out, n_in))
-    for i in range(n_out):
-        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
-        i0 = min(int(np.floor(src)), n_in - 1)
-        lam = src - i0
-        m[i, i0] += 1 - lam
-        m[i, min(i0 + 1, n_in - 1)] += lam
-    return m
-
-
 def test_ast_position_interpolation():
     torch.manual_seed(0)
     tok = AudioPatches(embed_dim=8, target_frames=256)  # positions built for grid (12, 25)
@@ -223,7 +210,7 @@ def test_ast_position_interpolation():
     w = tok.proj.weight.detach().double().numpy().reshape(8, -1)
     conv = patches.reshape(600, 256) @ w.T + tok.proj.bias.detach().double().numpy()
     table = tok.pos_embed.detach().double().numpy()[0]
-    grid_pos = np.einsum("af,bt,ftd->abd", _resize_matrix(12, 12), _resize_matrix(25, 50), table[1:].reshape(12, 25, 8))
+    grid_pos = np.einsum("af,bt,ftd->abd", resize_matrix(12, 12), resize_matrix(25, 50), table[1:].reshape(12, 25, 8))
     ref = np.concatenate([tok.cls_token.detach().double().numpy()[0] + table[:1], conv + grid_pos.reshape(600, 8)])
     np.testing.assert_allclose(out.x[0].double().numpy(), ref, atol=1e-4, rtol=0)
     # 198 real frames: columns 0..19 start inside them, 20.. are padding

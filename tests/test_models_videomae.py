@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from oracles import randomize
 from timm.models.vision_transformer import Block
 from torch import nn
 from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVideoClassification, VideoMAEModel
@@ -39,24 +40,11 @@ TINY = dict(
 )  # grid (4, 2, 2): 16 tokens
 
 
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Every parameter random (HF zero-inits biases; a lost q / v bias would go unnoticed)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name.rsplit(".", 1)[0] and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_((0.15 if p.dim() > 1 else 0.1) * noise)
-    return model.eval()
-
-
 def _hf_videomae(attn: str = "sdpa", cls=VideoMAEModel, **overrides) -> nn.Module:
     torch.manual_seed(0)
     config = VideoMAEConfig(**{**TINY, **overrides})
     config._attn_implementation = attn
-    return _randomize(cls(config))
+    return randomize(cls(config)).eval()
 
 
 def _clip(b: int = 2, t: int = 8, seed: int = 1) -> torch.Tensor:

@@ -9,6 +9,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from oracles import randomize, resize_matrix
 
 from mmblocks.data.video_io import (
     VideoClip,
@@ -245,19 +246,6 @@ def test_one_frame_video(clip8):
 
 
 # ---------------------------------------------------------------------------------------------------- tubelets
-def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter random, biases included (HF zero-inits the conv bias: a dropped bias would go unnoticed)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name.rsplit(".", 1)[0] and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_((0.15 if p.dim() > 1 else 0.5) * noise)
-    return model
-
-
 def _videomae(t, size, patch, tubelet, dim=24, channels=3):
     from transformers import VideoMAEConfig, VideoMAEModel
 
@@ -273,7 +261,7 @@ def _videomae(t, size, patch, tubelet, dim=24, channels=3):
         num_attention_heads=2,
         intermediate_size=32,
     )
-    return _randomize(VideoMAEModel(cfg)).eval()
+    return randomize(VideoMAEModel(cfg), vector_scale=0.5).eval()
 
 
 @pytest.mark.parametrize(
@@ -322,20 +310,6 @@ def test_from_videomae_accepts_embeddings_and_classifier():
         VideoTubelets.from_videomae(torch.nn.Linear(2, 2))
 
 
-def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """``[n_out, n_in]`` 1-D linear resampling with ``align_corners=False`` (as `torch.nn.functional.interpolate`
-    documents it): output ``i`` samples source coordinate ``(i + 0.5) * n_in / n_out - 0.5`` (clamped at 0),
-    interpolating its two neighbours (the last one repeated at the far edge)."""
-    m = np.zeros((n_out, n_in))
-    for i in range(n_out):
-        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
-        i0 = min(int(np.floor(src)), n_in - 1)
-        lam = src - i0
-        m[i, i0] += 1 - lam
-        m[i, min(i0 + 1, n_in - 1)] += lam
-    return m
-
-
 def _tubelet_reference(tok: VideoTubelets, x: torch.Tensor, grid: tuple[int, int, int]) -> np.ndarray:
     """float64 ``[B, 1 + prod(grid), D]``: cls token, then each tubelet's pixels dotted with the conv kernel + bias
     + the learned table trilinearly resampled from the training grid to ``grid`` (t-major, then row, col)."""
@@ -349,7 +323,7 @@ def _tubelet_reference(tok: VideoTubelets, x: torch.Tensor, grid: tuple[int, int
     tokens = tub.reshape(b, -1, c * kt * p * p) @ weight.reshape(d, -1).T + bias
     if tok.pos_embed is not None:
         table = tok.pos_embed.detach().double().numpy().reshape(*tok.train_grid, d)
-        mt, mh, mw = (_resize_matrix(a, g) for a, g in zip(tok.train_grid, grid))
+        mt, mh, mw = (resize_matrix(a, g) for a, g in zip(tok.train_grid, grid))
         tokens = tokens + np.einsum("at,bh,cw,thwd->abcd", mt, mh, mw, table).reshape(1, -1, d)
     if tok.cls_token is None:
         return tokens
@@ -359,7 +333,7 @@ def _tubelet_reference(tok: VideoTubelets, x: torch.Tensor, grid: tuple[int, int
 
 def test_class_token_and_learned_positions():
     tok = VideoTubelets(img_size=32, num_frames=4, patch_size=16, embed_dim=8, pos_embed="learned", class_token=True)
-    _randomize(tok, seed=2)  # cls, bias and table well away from their near-zero init
+    randomize(tok, seed=2, vector_scale=0.5)  # cls, bias and table well away from their near-zero init
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 3, 32, 32, generator=g)
     with torch.no_grad():
@@ -372,7 +346,7 @@ def test_class_token_and_learned_positions():
         bigger = tok(big)  # resampled table: (2, 2, 2) -> (4, 3, 4)
     assert bigger.grid == (4, 3, 4) and bigger.num_tokens == 1 + 48
     np.testing.assert_allclose(bigger.x.numpy(), _tubelet_reference(tok, big, (4, 3, 4)), atol=1e-4, rtol=0)
-    none = _randomize(VideoTubelets(img_size=32, num_frames=4, embed_dim=8, pos_embed="none"), seed=4)
+    none = randomize(VideoTubelets(img_size=32, num_frames=4, embed_dim=8, pos_embed="none"), seed=4, vector_scale=0.5)
     with torch.no_grad():
         np.testing.assert_allclose(none(x).x.numpy(), _tubelet_reference(none, x, (2, 2, 2)), atol=1e-4, rtol=0)
 
