@@ -122,11 +122,23 @@ def _cmd_blocks_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_families(args: argparse.Namespace) -> int:
-    from .llm import FAMILIES
+    from .llm.survey import survey_markdown, timed_survey
 
-    print(f"{'model_type':<18} {'layers':<16} {'final norm':<22} {'positions':<30} norm")
-    for name, spec in sorted(FAMILIES.items()):
-        print(f"{name:<18} {spec.layers:<16} {spec.final_norm or '-':<22} {spec.positions:<30} {spec.norm}")
+    rows, seconds = timed_survey(check=args.check)
+    if args.markdown:
+        print(survey_markdown(rows, seconds if args.check else None), end="")
+        return 0
+    head = ("model_type", "status", "layers", "final norm", "positions", "moe")
+    print(f"{head[0]:<26} {head[1]:<10} {head[2]:<16} {head[3]:<16} {head[4]:<9} {head[5]:<4} entry / reason")
+    for r in rows:
+        s = r.spec
+        if s is None:
+            print(f"{r.model_type:<26} {r.status:<10} {'-':<16} {'-':<16} {'-':<9} {'':<4} {r.reason}")
+            continue
+        note = s.entry or r.reason
+        moe = "yes" if s.moe else ""
+        norm = s.final_norm or "-"
+        print(f"{r.model_type:<26} {r.status:<10} {s.layers:<16} {norm:<16} {s.positions:<9} {moe:<4} {note}")
     return 0
 
 
@@ -254,7 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     bdemo.add_argument("--source", default="smollm2-135m")
     bdemo.add_argument("--layer", type=int, default=-1)
     bdemo.set_defaults(func=_cmd_blocks_demo)
-    fam = bsub.add_parser("families", help="list the supported transformers architectures")
+    fam = bsub.add_parser(
+        "families", help="every causal-LM architecture of transformers: what discovery finds (--check: the oracle)"
+    )
+    fam.add_argument("--check", action="store_true", help="build a tiny model of each and compare its forward (~3 min)")
+    fam.add_argument("--markdown", action="store_true", help="print the README family table")
     fam.set_defaults(func=_cmd_families)
     show = bsub.add_parser("show", help="load layers from a source and print them with their parameter table")
     show.add_argument("source", help="model folder, .gguf file, offline name (smollm2-135m) or random:<family>")

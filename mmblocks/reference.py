@@ -25,7 +25,7 @@ def _registries() -> list[tuple[str, str, list[str]]]:
 
     from .data import list_codecs, list_datasets
     from .heads import list_heads
-    from .llm import ATTENTION_MODES, FAMILIES, FINAL_NORMS, ROPE_MODES, TUNE_MODES, list_offline_models
+    from .llm import ATTENTION_MODES, ENTRIES, FINAL_NORMS, ROPE_MODES, TUNE_MODES, list_offline_models
     from .models import list_backbones
     from .tasks import list_tasks
 
@@ -42,7 +42,11 @@ def _registries() -> list[tuple[str, str, list[str]]]:
         ("modalities / codecs (`data.modality`)", "mmblocks.data.list_codecs()", list_codecs()),
         ("offline datasets (`data.dataset`)", "mmblocks.data.list_datasets()", list_datasets()),
         ("offline LLM sources (`model.llm.source`)", "mmblocks.llm.list_offline_models()", list_offline_models()),
-        ("LLM families (`model_type`)", "mmblocks blocks families", sorted(FAMILIES)),
+        (
+            "LLM families with an entry (every other causal-LM `model_type` is discovered)",
+            "mmblocks blocks families",
+            sorted(ENTRIES),
+        ),
         ("LLM tuning modes (`model.llm.tune`)", "mmblocks.llm.TUNE_MODES", list(TUNE_MODES)),
         ("LLM attention modes (`model.llm.attention`)", "mmblocks.llm.ATTENTION_MODES", list(ATTENTION_MODES)),
         ("LLM position modes (`model.llm.rope`)", "mmblocks.llm.ROPE_MODES", list(ROPE_MODES)),

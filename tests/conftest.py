@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_configs import tiny_config
+from tiny_configs import LIBRARY_TINY, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
 from mmblocks.llm import get_family
+from mmblocks.llm import tiny_config as library_tiny_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -21,7 +22,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def build_tiny_model(model_type: str, attn_implementation: str = "eager", seed: int = 0) -> PreTrainedModel:
     """A randomly initialised 4-layer model of `model_type` (BERT: the encoder, others: the causal LM)."""
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **tiny_config(model_type))
+    if model_type in LIBRARY_TINY:
+        config = library_tiny_config(model_type)
+    else:
+        config = AutoConfig.for_model(model_type, **tiny_config(model_type))
     config._attn_implementation = attn_implementation
     cls = AutoModel if get_family(model_type).encoder else AutoModelForCausalLM
     return cls.from_config(config).eval()

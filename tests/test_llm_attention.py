@@ -409,5 +409,5 @@ def test_rope_2d_errors(tiny_checkpoint):
         blocks(torch.randn(1, 5, 64))
     with pytest.raises(ValueError, match=r"needs Tokens with pos \[B, N, 2\]"):
         blocks(Tokens(torch.randn(1, 5, 64), pos=torch.rand(1, 5, 3)))
-    with pytest.raises(ValueError, match="has no rotary embedding"):
+    with pytest.raises(ValueError, match="positions are absolute"):
         load_blocks(tiny_checkpoint("gpt2"), [0], rope="2d")

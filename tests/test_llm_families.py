@@ -1,15 +1,23 @@
-"""Every `FamilySpec` entry's facts hold for its architecture (paths, norms, residual outputs, tuning)."""
+"""What discovery finds holds for each core architecture (paths, norms, residual outputs, tuning)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import build_tiny_model
+from tiny_configs import CORE_FAMILIES
 
 from mmblocks.layers.norms import is_norm_module
-from mmblocks.llm import FAMILIES, list_families, load_blocks, lora_target_modules
+from mmblocks.llm import get_family, load_blocks, lora_target_modules
+from mmblocks.llm.tuning import lora_target_parameters
 
-FAMILY_NAMES = list_families()
+FAMILY_NAMES = CORE_FAMILIES
+
+
+def _stack(model, family):
+    spec = get_family(family)
+    decoder = model.get_submodule(spec.decoder) if spec.decoder else model
+    return decoder.get_submodule(spec.layers)
 
 
 def _x(width: int = 64) -> torch.Tensor:
@@ -18,15 +26,18 @@ def _x(width: int = 64) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_declared_submodules_exist(family, tiny_checkpoint):
-    spec = FAMILIES[family]
+    spec = get_family(family)
     blocks = load_blocks(tiny_checkpoint(family), [0])
     layer = blocks.layers[0]
     layer.get_submodule(spec.attn)
-    for name in spec.mlp + spec.residual_out:
+    for name in spec.mlp:
         layer.get_submodule(name)
-    assert (blocks.rotary is not None) == (spec.rotary is not None)
+    params = dict(layer.named_parameters())
+    assert spec.residual_out and all(name in params for name in spec.residual_out)
+    assert (blocks.rotary is not None) == (spec.positions == "rotary")
     for target in ("attention", "mlp"):
-        assert lora_target_modules(blocks, target), f"{family}: no LoRA targets for {target}"
+        targets = lora_target_modules(blocks, target) + lora_target_parameters(blocks, target)
+        assert targets, f"{family}: no LoRA targets for {target}"
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -42,9 +53,9 @@ def test_norm_tuning_opens_only_norm_parameters(family, tiny_checkpoint):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_expand_is_identity_at_init_where_the_layer_is_pre_norm(family, tiny_checkpoint):
-    spec = FAMILIES[family]
+    spec = get_family(family)
     folder = tiny_checkpoint(family)
-    if not spec.residual_out or spec.pre_norm is False:
+    if spec.encoder:  # BERT-style post-norm layers: a zeroed copy is not the identity, and expand says so
         with pytest.raises(ValueError, match="pre-norm"):
             load_blocks(folder, [1], tune="expand")
         return
@@ -70,7 +81,7 @@ def trained_checkpoint(tmp_path_factory):
                     p.mul_(-2.5).add_(0.3)
             folder = tmp_path_factory.mktemp(f"trained-{family}")
             model.save_pretrained(folder)
-            layer = model.base_model.get_submodule(FAMILIES[family].layers)[0]
+            layer = _stack(model, family)[0]
             cache[family] = folder, {n: p.detach().clone() for n, p in layer.named_parameters()}
         return cache[family]
 
@@ -87,7 +98,7 @@ def test_random_control_reinitialises_with_the_family_init(family, trained_check
     and, for random tensors, the same mean and std up to sampling error."""
     folder, trained = trained_checkpoint(family)
     blocks = load_blocks(folder, [0], tune="random", seed=0)
-    fresh = build_tiny_model(family, seed=1).base_model.get_submodule(FAMILIES[family].layers)[0]
+    fresh = _stack(build_tiny_model(family, seed=1), family)[0]
     expected = dict(fresh.named_parameters())
     ours = dict(blocks.layers[0].named_parameters())
     assert ours.keys() == expected.keys() == trained.keys()

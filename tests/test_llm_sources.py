@@ -23,15 +23,18 @@ from mmblocks.llm.sources import OFFLINE_MODELS, _package_folder
 from tokenizers_mm import Tokens
 
 
-def test_unknown_family_lists_supported():
-    with pytest.raises(UnknownFamilyError, match=r"unsupported architecture 'mamba'.*llama.*qwen3"):
-        load_blocks("random:mamba", [0])
+def test_unknown_family_says_what_is_missing():
+    with pytest.raises(UnknownFamilyError, match=r"has no architecture 'no_such_lm'.*blocks families"):
+        load_blocks("random:no_such_lm", [0])
+    # a state-space model is found, but its layers are not attention layers: the error says so
+    with pytest.raises(UnknownFamilyError, match=r"layer 0 of mamba is a 'linear_attention' layer.*attention layers"):
+        load_blocks("random:mamba", [0], config_overrides={"hidden_size": 32, "num_hidden_layers": 2})
 
 
 def test_unknown_architecture_in_a_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "num_hidden_layers": 2}))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(UnknownFamilyError, match="gpt_neox"):
+    with pytest.raises(UnknownFamilyError, match="mamba is a 'linear_attention' layer"):
         load_blocks(tmp_path, [0])
 
 

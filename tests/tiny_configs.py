@@ -1,4 +1,5 @@
-"""Tiny configs, built in code, for every family in `mmblocks.llm.FAMILIES` (oracle tests use these)."""
+"""Tiny configs, built in code, for the core families the default oracle tests cover in every mode (the sweep over
+every causal-LM architecture, `test_llm_discovery.py`, uses `mmblocks.llm.tiny_config`)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,70 @@ TINY: dict[str, dict[str, Any]] = {
     "gemma2": dict(COMMON, sliding_window=4),
     "gemma3_text": dict(COMMON, sliding_window=4, sliding_window_pattern=2),
 }
+
+
+#: the families of the hand-written entries before discovery, plus the kinds discovery added (MoE, ALiBi,
+#: parallel attention + multi-query, multi-head latent attention)
+CORE_FAMILIES: list[str] = sorted(
+    [
+        "apertus",
+        "apertus1p5_text",
+        "arcee",
+        "bert",
+        "bitnet",
+        "camembert",
+        "cohere",
+        "cohere2",
+        "cwm",
+        "data2vec-text",
+        "diffllama",
+        "electra",
+        "ernie4_5",
+        "exaone4",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "glm",
+        "glm4",
+        "gpt-sw3",
+        "gpt2",
+        "gpt_neox",
+        "granite",
+        "helium",
+        "hunyuan_v1_dense",
+        "hyperclovax",
+        "internlm3",
+        "llama",
+        "ministral",
+        "ministral3",
+        "mistral",
+        "nanochat",
+        "nemotron",
+        "olmo",
+        "olmo2",
+        "olmo3",
+        "opt",
+        "persimmon",
+        "phi",
+        "phi3",
+        "qwen2",
+        "qwen3",
+        "roberta",
+        "seed_oss",
+        "smollm3",
+        "stablelm",
+        "starcoder2",
+        "xlm-roberta",
+        "mixtral",
+        "qwen2_moe",
+        "bloom",
+        "falcon",
+        "mpt",
+        "deepseek_v3",
+    ]
+)
+#: families whose tiny config comes from `mmblocks.llm.tiny_config` (their own defaults need more shrinking)
+LIBRARY_TINY = {"mixtral", "qwen2_moe", "bloom", "falcon", "mpt", "deepseek_v3"}
 
 
 def tiny_config(model_type: str) -> dict[str, Any]:

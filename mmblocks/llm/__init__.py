@@ -3,7 +3,8 @@
 from ..layers.masks import ATTENTION_MODES, AttentionMode
 from ..layers.norms import UnitRMSNorm
 from .blocks import FINAL_NORMS, ROPE_MODES, FinalNorm, LLMBlocks, RopeMode
-from .families import FAMILIES, FamilySpec, UnknownFamilyError, get_family, list_families
+from .discovery import discover, get_family, list_families, tiny_config
+from .families import ENTRIES, FamilyEntry, FamilySpec, UnknownFamilyError
 from .load import DTYPES, load_blocks, resolve_layers
 from .sources import (
     MissingDependencyError,
@@ -18,7 +19,7 @@ from .tuning import TUNE_KWARGS, TUNE_MODES, GatedLayer, InterpolatedLayer, Tune
 __all__ = [
     "ATTENTION_MODES",
     "DTYPES",
-    "FAMILIES",
+    "ENTRIES",
     "FINAL_NORMS",
     "ROPE_MODES",
     "TUNE_KWARGS",
@@ -27,6 +28,7 @@ __all__ = [
     "FinalNorm",
     "RopeMode",
     "TuneMode",
+    "FamilyEntry",
     "FamilySpec",
     "GatedLayer",
     "InterpolatedLayer",
@@ -37,6 +39,7 @@ __all__ = [
     "UnitRMSNorm",
     "UnknownFamilyError",
     "cache_dir",
+    "discover",
     "get_family",
     "list_families",
     "list_offline_models",
@@ -44,4 +47,5 @@ __all__ = [
     "lora_target_modules",
     "resolve_layers",
     "resolve_source",
+    "tiny_config",
 ]

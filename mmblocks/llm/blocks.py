@@ -24,7 +24,7 @@ from ..layers.rope import axial_rope
 from ..layers.soft_mask import SoftMaskSchedule
 from ..params import parameter_table
 from .attention import POST_SOFTMAX_MULT_IMPL, set_causal_flags
-from .families import FamilySpec
+from .families import FamilySpec, position_args
 
 __all__ = ["AXIAL_ROPES", "FINAL_NORMS", "ROPE_MODES", "FinalNorm", "LLMBlocks", "RopeMode", "call_layer"]
 
@@ -67,7 +67,8 @@ class LLMBlocks(nn.Module):
         family: `config.model_type` of the source model.
         source: where the weights came from.
         layer_indices: the source-model index of each layer (``None`` for an expansion copy).
-        aux_loss: the divergence loss of `tune="interpolate"` from the last forward (0 otherwise).
+        aux_loss: the auxiliary loss of the last training forward: the divergence loss of `tune="interpolate"` and,
+            for mixture-of-experts families, the routers' load-balancing loss (see `attach_router_loss`); 0 otherwise.
     """
 
     def __init__(
@@ -99,8 +100,8 @@ class LLMBlocks(nn.Module):
             raise ValueError(f"causal_impl must be one of {CAUSAL_IMPLS}, got {causal_impl!r}")
         if rope in AXIAL_ROPES and rotary is None:
             raise ValueError(
-                f"rope={rope!r} rotates queries and keys, but {family.model_type} has no rotary embedding (its "
-                "positions are absolute, added outside the layers); use rope='none'"
+                f"rope={rope!r} rotates queries and keys by given cos/sin, but {family.model_type}'s positions are "
+                f"{family.positions} (not a rotary module the layers are given); use rope='none' or 'native'"
             )
         if rope_train_grid is not None and rope in AXIAL_ROPES and len(rope_train_grid) != AXIAL_ROPES[rope]:
             raise ValueError(f"rope_train_grid {tuple(rope_train_grid)} must have {AXIAL_ROPES[rope]} sizes for {rope}")
@@ -115,6 +116,7 @@ class LLMBlocks(nn.Module):
         self.hidden_size = int(config.hidden_size)
         self.rope = rope
         self.rotary = rotary
+        self._position_args = position_args(family)
         # Gemma 3 style rotaries take the layer type (each type has its own base frequency)
         self.rotary_takes_layer_type = (
             rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
@@ -126,6 +128,8 @@ class LLMBlocks(nn.Module):
         self.gradient_checkpointing = False
         self.supported_attn_implementations: list[str] | None = None
         self.aux_loss: torch.Tensor | float = 0.0
+        self._router_logits: list[torch.Tensor] = []
+        self._router_loss_args: tuple = ()
         self._always_eval: list[nn.Module] = []
         self._pos_cache: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._rotary_dims: dict[str, int] = {}
@@ -326,6 +330,18 @@ class LLMBlocks(nn.Module):
                     cos_sin = self._axial_positions(tokens, num_tokens, device, dtype, layer_type)
                 kwargs["position_embeddings"] = cos_sin
                 kwargs["position_ids"] = position_ids
+            elif self.spec.positions == "inside":  # the layer rotates by position_ids: all zero is no rotation
+                ids = (
+                    torch.arange(num_tokens, device=device)
+                    if self.rope == "native"
+                    else torch.zeros(num_tokens, dtype=torch.long, device=device)
+                )
+                kwargs["position_ids"] = ids.unsqueeze(0).expand(batch_size, -1)
+            if self._position_args is not None:
+                kwargs.update(self._position_args(self, batch_size, num_tokens, padding_mask, device, dtype))
+            mask = kwargs.get("attention_mask")
+            if self.spec.mask == "masked_bool" and isinstance(mask, torch.Tensor) and mask.is_floating_point():
+                kwargs["attention_mask"] = mask != 0
             out[layer_type] = kwargs
         return out
 
@@ -382,9 +398,48 @@ class LLMBlocks(nn.Module):
                 aux = aux + layer_aux
             if keep is not None:  # padded positions carry nothing; zero them so no NaN can leak through
                 hidden = hidden.masked_fill(~keep, 0.0)
+        if self._router_logits:
+            aux = aux + self._router_loss(mask)
         hidden = self.final_norm(hidden).to(in_dtype)
         self.aux_loss = aux
         return tokens.with_x(hidden) if tokens is not None else hidden
+
+    # ------------------------------------------------------------------ mixture-of-experts router loss
+    def attach_router_loss(self, model_class: type, config: Any) -> bool:
+        """Record the routers' logits (the modules the model class records as ``router_logits``) so that, while
+        the block trains, `aux_loss` carries the family's own load-balancing loss (``load_balancing_loss_func`` of
+        its modeling module) times ``config.router_aux_loss_coef``, as its causal LM adds it. True if attached."""
+        import sys
+
+        recorder = (getattr(model_class, "_can_record_outputs", None) or {}).get("router_logits")
+        loss_fn = getattr(sys.modules.get(model_class.__module__), "load_balancing_loss_func", None)
+        coef = getattr(config, "router_aux_loss_coef", None)
+        if recorder is None or loss_fn is None or not coef:
+            return False
+        target = getattr(recorder, "target_class", recorder)
+        index = getattr(recorder, "index", 0)
+        names = ("num_local_experts", "num_experts", "n_routed_experts")
+        experts = next((getattr(config, k) for k in names if hasattr(config, k)), None)
+        top_k = getattr(config, "num_experts_per_tok", 2)
+        self._router_loss_args = (loss_fn, experts, top_k, float(coef))
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            # only while the block itself trains: a frozen router's balance is not ours to change
+            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.layers.parameters()):
+                self._router_logits.append(output[index] if isinstance(output, (tuple, list)) else output)
+
+        found = 0
+        for m in self.layers.modules():
+            if isinstance(target, type) and isinstance(m, target):
+                m.register_forward_hook(hook)
+                found += 1
+        return found > 0
+
+    def _router_loss(self, mask: torch.Tensor | None) -> torch.Tensor:
+        loss_fn, experts, top_k, coef = self._router_loss_args
+        logits = tuple(self._router_logits)
+        self._router_logits.clear()
+        return coef * loss_fn(logits, experts, top_k, mask.long() if mask is not None else None)
 
     # ------------------------------------------------------------------ reporting
     def parameter_groups(self) -> Iterator[tuple[str, nn.Module]]:

@@ -8,14 +8,14 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal, get_args
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoModel, PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 from ..layers.masks import ATTENTION_MODES, AttentionMode, CausalImpl
 from ..layers.norms import UnitRMSNorm, is_norm_module
 from .blocks import FINAL_NORMS, ROPE_MODES, FinalNorm, LLMBlocks, RopeMode
-from .families import FamilySpec, get_family
+from .discovery import build_meta_model, discover
+from .families import FamilySpec, UnknownFamilyError
 from .sources import MissingWeightsError, ResolvedSource, TensorReader, resolve_source
 from .tuning import TUNE_MODES, TuneMode, apply_tuning
 
@@ -51,15 +51,6 @@ def resolve_layers(layers: int | Iterable[int] | range, num_hidden_layers: int) 
     return out
 
 
-def _text_config(config: PretrainedConfig) -> PretrainedConfig:
-    """Multimodal checkpoints (e.g. Gemma 3) keep the language model's config in `text_config`."""
-    from .families import FAMILIES
-
-    if config.model_type not in FAMILIES and getattr(config, "text_config", None) is not None:
-        return config.text_config
-    return config
-
-
 def _layer_types(config: PretrainedConfig, spec: FamilySpec, indices: Sequence[int]) -> list[str]:
     declared = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
@@ -72,34 +63,73 @@ def _layer_types(config: PretrainedConfig, spec: FamilySpec, indices: Sequence[i
         else:
             t = "full_attention"
         if t not in _LAYER_TYPES:
-            raise ValueError(f"layer {i} of {spec.model_type} has attention type {t!r}; LLMBlocks runs {_LAYER_TYPES}")
+            raise UnknownFamilyError(
+                f"layer {i} of {spec.model_type} is a {t!r} layer; LLMBlocks runs attention layers {_LAYER_TYPES} "
+                f"(the model's layer types: {sorted(set(declared or []))}): pick attention layers"
+            )
         if t == "sliding_attention" and not window:
             t = "full_attention"
         out.append(t)
     return out
 
 
-def _find_prefix(keys: Sequence[str], spec: FamilySpec, index: int) -> str:
-    """The checkpoint's key prefix before the base-model path (``model.``, ``transformer.``, ``bert.`` ...)."""
-    needle = f"{spec.layers}.{index}."
-    for k in keys:
-        pos = k.find(needle)
-        if pos >= 0 and (pos == 0 or k[pos - 1] == "."):
-            return k[:pos]
-    raise MissingWeightsError(
-        f"the checkpoint has no tensors for layer {index} (looked for keys containing {needle!r}); "
-        f"is it a {spec.model_type} checkpoint?"
-    )
+def _selected_keys(model: nn.Module, keys: Sequence[str], prefixes: tuple[str, ...], mapping: list) -> list[str]:
+    """The checkpoint keys that `transformers`' own renaming (`rename_source_key`, with the model's conversion
+    mapping and base-model prefix) sends into `prefixes` of `model`'s state dict."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None) or None
+    out = []
+    for key in keys:
+        renamed, _ = rename_source_key(key, renamings, converters, prefix, meta)
+        if renamed not in meta and key in meta:
+            renamed = key
+        if renamed.startswith(prefixes):
+            out.append(key)
+    return out
 
 
-def _load_module(module: nn.Module, reader: TensorReader, available: set[str], prefix: str, what: str) -> None:
-    names = {prefix + k for k in module.state_dict()}
-    missing = sorted(names - available)
+def load_weights(model: nn.Module, reader: TensorReader, prefixes: Sequence[str], what: str) -> None:
+    """Load the parameters under `prefixes` (module paths in `model`, built on meta) exactly as `from_pretrained`
+    would: the checkpoint keys that rename into them are read (nothing else), then `transformers`' own
+    `convert_and_load_state_dict_in_model` applies the model's conversion mapping (fused experts, renamed norms,
+    split or merged projections) and sets them. Anything under `prefixes` left unset is an error."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    prefixes = tuple(p if p.endswith(".") else p + "." for p in prefixes)
+    mapping = get_model_conversion_mapping(model)
+    keys = _selected_keys(model, reader.keys(), prefixes, mapping)
+    if not keys:
+        raise MissingWeightsError(
+            f"the checkpoint has no tensors for {what}: no key renames to {prefixes[0]}* under "
+            f"{type(model).__name__}'s conversion mapping (checkpoint keys look like {reader.keys()[:2]}); is it a "
+            f"{model.config.model_type} checkpoint?"
+        )
+    state = reader.read(keys)
+    config = LoadStateDictConfig(weight_mapping=mapping)
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # its loading report lists every key we did not ask for as missing
+    hf_logging.disable_progress_bar()
+    try:
+        info, _ = convert_and_load_state_dict_in_model(model, state, config)
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+    if info.conversion_errors:
+        raise MissingWeightsError(f"transformers could not convert the tensors of {what}: {info.conversion_errors}")
+    if info.mismatched_keys:
+        raise MissingWeightsError(f"tensors of {what} have the wrong shape: {sorted(info.mismatched_keys)[:3]}")
+    missing = sorted(k for k in info.missing_keys if k.startswith(prefixes))
     if missing:
         raise MissingWeightsError(f"checkpoint is missing {len(missing)} tensor(s) of {what}, e.g. {missing[:3]}")
-    tensors = reader.read(sorted(names))
-    state = {k[len(prefix) :]: v for k, v in tensors.items()}
-    module.load_state_dict(state, strict=True, assign=True)
 
 
 def _materialize_random(module: nn.Module, base: nn.Module, generator_seed: int | None) -> None:
@@ -204,56 +234,55 @@ def load_blocks(
         dtype = getattr(torch, dtype)
 
     resolved: ResolvedSource = resolve_source(source, config_overrides)
-    config = _text_config(resolved.config)
-    spec = get_family(config.model_type)
-    supported = supported_attn_implementations(config)
-    impl = check_attn_implementation(config, attn_implementation, supported)
-    config._attn_implementation = impl
-    indices = resolve_layers(layers, int(config.num_hidden_layers))
-
     # The architecture's own modules, built without memory: parameters on `meta`, buffers (rotary
     # frequencies) real. Only the requested layers are materialised below.
-    with init_empty_weights(include_buffers=False):
-        base = AutoModel.from_config(config)
-    config = base.config
-    stack = base.get_submodule(spec.layers)
+    model = build_meta_model(resolved.config)
+    spec = discover(resolved.config, model)
+    decoder = model.get_submodule(spec.decoder) if spec.decoder else model
+    config = decoder.config
+    if spec.needs:
+        raise UnknownFamilyError(
+            f"{spec.model_type}: its layers ({spec.layer_class}) need the argument(s) {list(spec.needs)}, which its "
+            "own model computes and mmblocks does not; it needs an entry in mmblocks/llm/families.py"
+        )
+    supported = supported_attn_implementations(model)
+    impl = check_attn_implementation(config, attn_implementation, supported)
+    for cfg in {id(c): c for c in (model.config, config)}.values():
+        cfg._attn_implementation = impl
+    stack = decoder.get_submodule(spec.layers)
+    indices = resolve_layers(layers, len(stack))
+    layer_types = _layer_types(config, spec, indices)
     chosen = [stack[i] for i in indices]
     random_init = resolved.reader is None or tune == "random"
 
-    if random_init:
-        for layer in chosen:
-            _materialize_random(layer, base, seed)
-    else:
-        keys = resolved.reader.keys()
-        available = set(keys)
-        prefix = _find_prefix(keys, spec, indices[0])
-        for i, layer in zip(indices, chosen):
-            _load_module(layer, resolved.reader, available, f"{prefix}{spec.layers}.{i}.", f"layer {i}")
-
+    base = decoder if spec.decoder else model
+    root = f"{spec.decoder}." if spec.decoder else ""
     norm_module: nn.Module | None = None
     if final_norm == "llm":
-        if spec.final_norm is None or not _has_submodule(base, spec.final_norm):
-            raise ValueError(
-                f"{spec.model_type} has no final norm in this checkpoint; use final_norm='rms_unit' or 'none'"
-            )
-        norm_module = base.get_submodule(spec.final_norm)
-        if random_init:
-            _materialize_random(norm_module, base, seed)
-        else:
-            _load_module(norm_module, resolved.reader, available, f"{prefix}{spec.final_norm}.", "the final norm")
-    elif final_norm == "rms_unit":
-        norm_module = UnitRMSNorm(eps=float(getattr(config, spec.eps, None) or 1e-6))
+        if spec.final_norm is None:
+            raise ValueError(f"{spec.model_type} has no final norm; use final_norm='rms_unit' or 'none'")
+        norm_module = decoder.get_submodule(spec.final_norm)
+    if random_init:
+        owner = model if isinstance(model, PreTrainedModel) else base
+        for module in chosen + ([norm_module] if norm_module is not None else []):
+            _materialize_random(module, owner, seed)
+    else:
+        prefixes = [f"{root}{spec.layers}.{i}" for i in indices]
+        if norm_module is not None:
+            prefixes.append(f"{root}{spec.final_norm}")
+        what = f"layer(s) {indices}" + (" and the final norm" if norm_module is not None else "")
+        load_weights(model, resolved.reader, prefixes, what)
+    if final_norm == "rms_unit":
+        norm_module = UnitRMSNorm(eps=spec.eps)
 
-    rotary = None
-    if spec.rotary is not None:
-        rotary = base.get_submodule(spec.rotary)
+    rotary = decoder.get_submodule(spec.rotary) if spec.rotary is not None else None
 
     blocks = LLMBlocks(
         chosen,
         config=config,
         family=spec,
         layer_indices=indices,
-        layer_types=_layer_types(config, spec, indices),
+        layer_types=layer_types,
         attention=attention,
         rope=rope,
         rotary=rotary,
@@ -266,7 +295,9 @@ def load_blocks(
         rope_train_grid=rope_train_grid,
     )
     blocks.supported_attn_implementations = supported
-    del base, stack
+    if spec.moe:
+        blocks.attach_router_loss(type(model), config)
+    del model, decoder, base, stack
     if dtype is not None:
         blocks.layers.to(dtype)
         blocks.final_norm.to(dtype)
@@ -274,11 +305,15 @@ def load_blocks(
     return blocks
 
 
-def supported_attn_implementations(config: PretrainedConfig) -> list[str]:
+def supported_attn_implementations(model: nn.Module | PretrainedConfig) -> list[str]:
     """The attention backends the architecture declares support for (its `_supports_*` flags)."""
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+    if isinstance(model, PretrainedConfig):
+        from .discovery import _model_classes
 
-    cls = MODEL_MAPPING[type(config)]
+        classes = _model_classes(model)
+        cls = classes[-1] if classes else object
+    else:
+        cls = type(model)
     out = ["eager"]
     if getattr(cls, "_supports_sdpa", False):
         out.append("sdpa")
@@ -303,11 +338,3 @@ def check_attn_implementation(config: PretrainedConfig, requested: str | None, s
         if not is_flash_attn_2_available():
             raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA GPU")
     return requested
-
-
-def _has_submodule(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True

@@ -345,10 +345,9 @@ def _gguf_source(path: Path) -> ResolvedSource:
 
 def _random_source(source: str, config_overrides: dict | None) -> ResolvedSource:
     family = source.split(":", 1)[1].strip()
-    from .families import get_family
+    from .discovery import _canonical
 
-    spec = get_family(family)  # raises with the supported list
-    config = AutoConfig.for_model(spec.model_type, **(config_overrides or {}))
+    config = AutoConfig.for_model(_canonical(family), **(config_overrides or {}))  # unknown: says so
     return ResolvedSource(config, None, source, "random")
 
 

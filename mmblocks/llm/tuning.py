@@ -15,6 +15,7 @@ from torch import nn
 
 from ..layers.norms import is_norm_module
 from .blocks import LLMBlocks, call_layer
+from .discovery import RESIDUAL_OUT_NAMES
 
 __all__ = [
     "TUNE_MODES",
@@ -119,9 +120,26 @@ def lora_target_modules(blocks: LLMBlocks, target: str) -> list[str]:
         inner = name.split(".", 1)[1] if "." in name else ""
         if any(r == "" or inner == r or inner.startswith(r + ".") for r in roots):
             names.append(name)
-    if not names:
+    if not names and not lora_target_parameters(blocks, target):
         raise ValueError(f"no linear layers found for LoRA target {target!r} in family {spec.model_type}")
     return names
+
+
+def lora_target_parameters(blocks: LLMBlocks, target: str) -> list[str]:
+    """Weight tensors outside `nn.Linear` modules that LoRA adapts through peft's ``target_parameters``: fused
+    mixture-of-experts tensors (``mlp.experts.gate_up_proj [E, 2I, D]``, ``down_proj``) and routers held as a bare
+    weight, under the roots of `target` (names relative to `blocks.layers`)."""
+    spec = blocks.spec
+    roots = {"attention": (spec.attn,), "mlp": spec.mlp, "all-linear": ("",)}.get(target, ())
+    out = []
+    for name, p in blocks.layers.named_parameters():
+        owner = blocks.layers.get_submodule(name.rsplit(".", 1)[0])
+        if _is_linear(owner) or p.dim() < 2 or "lora_" in name:
+            continue
+        inner = name.split(".", 1)[1]
+        if any(r == "" or inner.startswith(r + ".") for r in roots) and p.dim() == 3:
+            out.append(name)
+    return out
 
 
 def _apply_lora(blocks: LLMBlocks, r: int, alpha: float, dropout: float, target: str) -> None:
@@ -129,9 +147,16 @@ def _apply_lora(blocks: LLMBlocks, r: int, alpha: float, dropout: float, target:
     from transformers.pytorch_utils import Conv1D
 
     targets = lora_target_modules(blocks, target)
+    params = lora_target_parameters(blocks, target)
     conv1d = any(isinstance(blocks.layers.get_submodule(t), Conv1D) for t in targets)
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", fan_in_fan_out=conv1d
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        target_parameters=params or None,
+        bias="none",
+        fan_in_fan_out=conv1d,
     )
     inject_adapter_in_model(config, blocks.layers)
     for name, p in blocks.layers.named_parameters():
@@ -168,25 +193,34 @@ def _apply_gated(blocks: LLMBlocks, gate: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ expand
-def _pre_norm(blocks: LLMBlocks) -> bool:
-    flag = blocks.spec.pre_norm
-    return bool(getattr(blocks.config, flag, True)) if isinstance(flag, str) else bool(flag)
-
-
 def _zero_residual_outputs(layer: nn.Module, names: tuple[str, ...]) -> None:
-    for name in names:
-        proj = layer.get_submodule(name)
-        with torch.no_grad():
-            for p in proj.parameters(recurse=False):
-                p.zero_()
+    params = dict(layer.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            params[name].zero_()
+
+
+def _identity_error(blocks: LLMBlocks, layer: nn.Module, layer_type: str) -> float:
+    """How far a zeroed copy moves a random input (0 for a pre-norm layer: x + 0 + 0)."""
+    p = next(layer.parameters())
+    x = torch.randn(1, 5, blocks.hidden_size, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+    kwargs = blocks.layer_kwargs(1, 5, None, p.device, p.dtype)[layer_type]
+    was = layer.training
+    layer.eval()
+    with torch.no_grad():
+        out = call_layer(layer, x, kwargs)
+    layer.train(was)
+    return float((out - x).abs().max() / x.abs().max())
 
 
 def _apply_expand(blocks: LLMBlocks, every: int) -> None:
     spec = blocks.spec
-    if not _pre_norm(blocks) or not spec.residual_out:
+    if spec.expand:
+        raise ValueError(f"tune='expand' is impossible for {spec.model_type}: {spec.expand}")
+    if not spec.residual_out:
         raise ValueError(
-            f"tune='expand' needs pre-norm layers whose residual-stream outputs can be zeroed; {spec.model_type} "
-            "normalises the residual stream inside the layer, so a zeroed copy is not the identity"
+            f"tune='expand' needs pre-norm layers whose residual-stream outputs can be zeroed; {spec.model_type} has "
+            f"no projection named like one ({', '.join(sorted(RESIDUAL_OUT_NAMES))}) in {spec.attn!r} / {spec.mlp}"
         )
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"expand option `every` must be a positive int, got {every!r}")
@@ -199,6 +233,14 @@ def _apply_expand(blocks: LLMBlocks, every: int) -> None:
         if (pos + 1) % every == 0:
             twin = copy.deepcopy(layer)
             _zero_residual_outputs(twin, spec.residual_out)
+            err = _identity_error(blocks, twin, ltype)
+            if err > 1e-5:
+                raise ValueError(
+                    f"tune='expand' needs pre-norm layers whose residual-stream outputs can be zeroed; in "
+                    f"{spec.model_type}, a copy of layer {idx} with {list(spec.residual_out)} zeroed still changes its "
+                    f"input (max relative change {err:.2g}): the layer normalises the residual stream (post-norm) or "
+                    "writes into it through another path, so the copy is not the identity"
+                )
             for p in twin.parameters():
                 p.requires_grad_(True)
             new_layers.append(twin)
