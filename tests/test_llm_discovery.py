@@ -26,7 +26,8 @@ from mmblocks.llm.discovery import build_meta_model, iter_causal_lm_types
 from mmblocks.llm.load import supported_attn_implementations
 
 pytestmark = pytest.mark.families
-TOL = 1e-4
+TOL = 1e-4  # absolute, plus RTOL: the weights moved off their init give hidden states up to ~1e3
+RTOL = 1e-5
 MAX_PARAMS = 30e6
 ATTENTION_TYPES = ("full_attention", "sliding_attention")
 
@@ -44,6 +45,11 @@ KNOWN_FAILURES: dict[str, str] = {
     "blenderbot": "its causal-LM model reports hidden states the layers cannot be aligned with",
     "hrm_text": "two recurrent layer stacks (H and L modules) that the model alternates",
     "kimi_linear": "its attention layers need routing state from the model",
+    "rwkv": "RWKV's 'attention' is a recurrent time-mix that carries state; no attention mask or mode applies",
+    "big_bird": "block-sparse attention needs a length that is a multiple of its block size; the model itself falls "
+    "back to full attention for short inputs, mmblocks does not",
+    "mllama": "cross-attention layers sit between the self-attention layers; the model skips them without image "
+    "states, the loaded stack runs them",
     "cpmant": "its layers need a position bias the model builds (needs an entry)",
     "longcat_flash": "its layers carry two attention sub-layers with their own rotary split",
     "xmod": "its layers need a language id (needs an entry)",
@@ -107,7 +113,10 @@ def _case(model_type: str, root: Path) -> Case | str:
             model.set_attn_implementation(impl)
             with torch.no_grad():
                 out = model(ids, output_hidden_states=True)
-            last = getattr(out, "last_hidden_state", None)
+                # the final hidden state (after the final norm) is the decoder's own last_hidden_state: some
+                # families' hidden_states[-1] is the last layer's output before that norm
+                decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+                last = getattr(decoder(input_ids=ids), "last_hidden_state", None) if decoder is not None else None
             hidden[impl] = (out.hidden_states, out.hidden_states[-1] if last is None else last)
     except Exception as err:
         return f"transformers cannot run a tiny {model_type} on CPU: {type(err).__name__}: {str(err)[:120]}"
@@ -128,7 +137,7 @@ def _check(case: Case, folder: Path, impl: str) -> None:
     )
     assert blocks.attn_implementation == impl
     with torch.no_grad():
-        torch.testing.assert_close(blocks(hs[a]), hs[b], atol=TOL, rtol=0)
+        torch.testing.assert_close(blocks(hs[a]), hs[b], atol=TOL, rtol=RTOL)
 
 
 TYPES = iter_causal_lm_types()
@@ -171,6 +180,8 @@ def test_last_layer_with_llm_norm_is_the_final_hidden_state(model_type, case_roo
     kinds = getattr(build_meta_model(tiny_config(model_type)).config.get_text_config(), "layer_types", None)
     if kinds and kinds[-1] not in ATTENTION_TYPES:
         pytest.skip(f"the last layer of the tiny {model_type} is a {kinds[-1]} layer")
-    blocks = load_blocks(case.folder, [-1], attention=case.mode, rope="native", final_norm="llm")
+    blocks = load_blocks(
+        case.folder, [-1], attention=case.mode, rope="native", final_norm="llm", attn_implementation="eager"
+    )
     with torch.no_grad():
-        torch.testing.assert_close(blocks(hs[n - 1]), last, atol=TOL, rtol=0)
+        torch.testing.assert_close(blocks(hs[n - 1]), last, atol=TOL, rtol=RTOL)

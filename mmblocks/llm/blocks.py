@@ -250,8 +250,13 @@ class LLMBlocks(nn.Module):
             position_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
             with torch.no_grad():
                 extra = (layer_type,) if self.rotary_takes_layer_type else ()
-                cos, _ = self.rotary(probe, position_ids, *extra)
-            dim = self._rotary_dims[layer_type] = int(cos.shape[-1])
+                out = self.rotary(probe, position_ids, *extra)
+            if not isinstance(out, tuple):
+                raise ValueError(
+                    f"rope={self.rope!r} needs a rotary given as (cos, sin); {self.family}'s rotary returns "
+                    f"{type(out).__name__} (complex frequencies): use rope='none' or 'native'"
+                )
+            dim = self._rotary_dims[layer_type] = int(out[0].shape[-1])
         return dim
 
     def _axial_positions(
@@ -276,24 +281,35 @@ class LLMBlocks(nn.Module):
             dtype=dtype,
         )
 
+    def rotates(self, layer_type: str) -> bool:
+        """False for layer types the family runs without rotary (NoPE layers: their rope parameters are None)."""
+        kinds = getattr(self.rotary, "rope_type", None)
+        return self.rotary is not None and not (isinstance(kinds, dict) and layer_type not in kinds)
+
     def _positions(self, n: int, device: torch.device, dtype: torch.dtype, layer_type: str):
-        """``(position_ids [1, N], (cos, sin))`` for a layer type, cached per length, device and dtype."""
+        """``(position_ids [1, N], rotary)`` for a layer type, cached per length, device and dtype. ``rotary`` is
+        what the family's rotary module returns: ``(cos, sin)``, or one complex ``freqs_cis`` tensor (Llama 4);
+        ``None`` for a layer type without rotary."""
         key = (n, device, dtype, layer_type, self.rope)
         cached = self._pos_cache.get(key)
         if cached is not None:
             return cached
         position_ids = torch.arange(n, device=device).unsqueeze(0)
         probe = torch.empty(1, n, self.hidden_size, device=device, dtype=dtype)
-        with torch.no_grad():
-            if self.rotary_takes_layer_type:
-                cos, sin = self.rotary(probe, position_ids, layer_type)
-            else:
-                cos, sin = self.rotary(probe, position_ids)
-        if self.rope == "none":  # identity rotation: q*1 + rotate(q)*0 = q
-            cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
+        rot: Any = None
+        if self.rotates(layer_type):
+            with torch.no_grad():
+                extra = (layer_type,) if self.rotary_takes_layer_type else ()
+                rot = self.rotary(probe, position_ids, *extra)
+        if self.rope == "none" and rot is not None:  # identity rotation: q*1 + rotate(q)*0 = q; complex: q*(1+0j)
+            rot = (
+                tuple(_identity_rotation(t, i) for i, t in enumerate(rot))
+                if isinstance(rot, tuple)
+                else (_identity_rotation(rot, 0))
+            )
         if len(self._pos_cache) > 16:
             self._pos_cache.clear()
-        self._pos_cache[key] = (position_ids, (cos, sin))
+        self._pos_cache[key] = (position_ids, rot)
         return self._pos_cache[key]
 
     def layer_kwargs(
@@ -326,7 +342,7 @@ class LLMBlocks(nn.Module):
             )
             if self.rotary is not None:
                 position_ids, cos_sin = self._positions(num_tokens, device, dtype, layer_type)
-                if self.rope in AXIAL_ROPES:
+                if self.rope in AXIAL_ROPES and cos_sin is not None:
                     cos_sin = self._axial_positions(tokens, num_tokens, device, dtype, layer_type)
                 kwargs["position_embeddings"] = cos_sin
                 kwargs["position_ids"] = position_ids
@@ -467,6 +483,13 @@ class LLMBlocks(nn.Module):
             f"attention={attention}, rope={rope}, final_norm={self.final_norm_kind}, tune={self.tune}, "
             f"attn_implementation={self.attn_implementation}"
         )
+
+
+def _identity_rotation(t: torch.Tensor, index: int) -> torch.Tensor:
+    """The no-rotation value of a rotary output: cos -> 1, sin -> 0, complex freqs_cis -> 1 + 0j."""
+    if t.is_complex():
+        return torch.ones_like(t)
+    return torch.ones_like(t) if index == 0 else torch.zeros_like(t)
 
 
 def _schedule(spec: Any) -> Any:

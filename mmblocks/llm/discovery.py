@@ -54,6 +54,13 @@ _CONFIG_EPS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps
 
 # --------------------------------------------------------------------------------------------- building
 def _model_classes(config: PretrainedConfig) -> list[Any]:
+    """The causal-LM and base classes of `config`; a sub-config (Emu3's or Mllama's text config, saved by their
+    causal LM) is looked up through the model types defined beside it."""
+    from transformers.models.auto.configuration_auto import (
+        CONFIG_MAPPING,
+        CONFIG_MAPPING_NAMES,
+        model_type_to_module_name,
+    )
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
     out = []
@@ -62,6 +69,18 @@ def _model_classes(config: PretrainedConfig) -> list[Any]:
             out.append(mapping[type(config)])
         except KeyError:
             continue
+    if not out:
+        package = type(config).__module__.split(".")[-2]  # transformers.models.<package>.configuration_<package>
+        for name in CONFIG_MAPPING_NAMES:
+            if model_type_to_module_name(name) != package:
+                continue
+            try:
+                cls = MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[name]]
+            except KeyError:
+                continue
+            if getattr(cls, "config_class", None) is type(config):
+                out.append(cls)
+                break
     return out
 
 
@@ -181,20 +200,23 @@ def _outside(decoder: nn.Module, stack: nn.ModuleList) -> Iterator[tuple[str, nn
 
 
 def find_final_norm(decoder: nn.Module, stack_path: str) -> str | None:
-    """The decoder's last norm child registered after the layer stack (``norm``, ``ln_f``, ``final_layernorm``)."""
-    top = stack_path.split(".")[0]
+    """The last norm registered after the layer stack in the module that holds it (``norm``, ``ln_f``,
+    ``final_layernorm``); failing that (OPT registers it first), a norm named like a final one."""
+    parent_path, _, top = stack_path.rpartition(".")
+    parent = decoder.get_submodule(parent_path) if parent_path else decoder
+    prefix = f"{parent_path}." if parent_path else ""
     seen_stack = False
     found = None
-    for name, child in decoder.named_children():
+    for name, child in parent.named_children():
         if name == top:
             seen_stack = True
             continue
-        if seen_stack and is_norm_module(child):
+        if seen_stack and is_norm_module(child) and "embed" not in name:  # Bart's layernorm_embedding comes first
             found = name
-    if found is None:  # OPT registers its final norm before the layers: go by name
-        named = [n for n, c in decoder.named_children() if is_norm_module(c) and "embed" not in n]
+    if found is None:
+        named = [n for n, c in parent.named_children() if is_norm_module(c) and "embed" not in n]
         found = next((n for n in named if "final" in n or n in ("ln_f", "norm", "norm_f")), None)
-    return found
+    return prefix + found if found is not None else None
 
 
 def find_rotary(decoder: nn.Module, stack: nn.ModuleList) -> str | None:
@@ -414,6 +436,7 @@ _SIZES: dict[str, int] = dict(
     ffn_hidden_size=128,
     n_inner=128,
     ffn_dim=128,
+    word_embed_proj_dim=64,
     decoder_ffn_dim=128,
     decoder_attention_heads=4,
     decoder_layers=4,
@@ -423,6 +446,8 @@ _SIZES: dict[str, int] = dict(
     num_local_experts=4,
     n_routed_experts=4,
     num_experts_per_tok=2,
+    attention_hidden_size=64,
+    embedding_dim=64,
     moe_topk=2,
     n_shared_experts=1,
     kv_lora_rank=16,
@@ -446,7 +471,13 @@ def _shrink(config: PretrainedConfig, n_layers: int) -> None:
         if "num_key_value_heads" in values:
             config.num_key_value_heads = _SIZES["num_attention_heads"]
     else:
-        for key in ("head_dim", "num_key_value_heads", "intermediate_size", "num_attention_heads"):
+        for key in (
+            "head_dim",
+            "num_key_value_heads",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_experts_per_tok",
+        ):
             if key in values and values[key] is None:  # "derive from the others": give the small value itself
                 setattr(config, key, _SIZES[key])
     if isinstance(values.get("rotary_dim"), int):  # GPT-J / CodeGen rotate part of each head

@@ -80,7 +80,9 @@ def _check_one(model_type: str, check: bool) -> FamilyStatus:
         model.save_pretrained(tmp)
         try:
             mode = spec.default_attention
-            blocks = load_blocks(Path(tmp), pair, attention=mode, rope="native", final_norm="none")
+            blocks = load_blocks(
+                Path(tmp), pair, attention=mode, rope="native", final_norm="none", attn_implementation="eager"
+            )
             with torch.no_grad():
                 err = float((blocks(hs[pair[0]]) - hs[pair[-1] + 1]).abs().max())
         except Exception as exc:
