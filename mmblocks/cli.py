@@ -124,7 +124,7 @@ def _cmd_blocks_demo(args: argparse.Namespace) -> int:
 def _cmd_families(args: argparse.Namespace) -> int:
     from .llm.survey import survey_markdown, timed_survey
 
-    rows, seconds = timed_survey(check=args.check)
+    rows, seconds = timed_survey(check=args.check, model_types=args.model_types or None)
     if args.markdown:
         print(survey_markdown(rows, seconds if args.check else None), end="")
         return 0
@@ -271,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fam.add_argument("--check", action="store_true", help="build a tiny model of each and compare its forward (~3 min)")
     fam.add_argument("--markdown", action="store_true", help="print the README family table")
+    fam.add_argument("model_types", nargs="*", help="only these model types (default: every causal-LM architecture)")
     fam.set_defaults(func=_cmd_families)
     show = bsub.add_parser("show", help="load layers from a source and print them with their parameter table")
     show.add_argument("source", help="model folder, .gguf file, offline name (smollm2-135m) or random:<family>")

@@ -39,11 +39,11 @@ KNOWN_FAILURES: dict[str, str] = {
     "roformer": "hidden states differ: the layers take the sinusoidal rotary as `sinusoidal_pos`, which needs an entry",
     "lara_mini": "hidden states differ by 3e-3 (MoE routing state outside the layers)",
     "xlm": "several parallel ModuleLists (attentions, ffns, norms) instead of a layer class: needs an entry",
-    "modernbert-decoder": "its causal-LM class holds the layers under a non-decoder path: needs an entry",
     "openai-gpt": "its layers take the attention mask in a legacy format",
     "prophetnet": "its decoder layers need n-gram streams the model builds",
     "blenderbot": "its causal-LM model reports hidden states the layers cannot be aligned with",
-    "hrm_text": "two recurrent layer stacks (H and L modules) that the model alternates",
+    "hrm_text": "two layer stacks (H and L modules) that the model alternates: discovery cannot pick one",
+    "blt": "four layer stacks (local encoder / global / local decoder / patcher): discovery cannot pick one",
     "kimi_linear": "its attention layers need routing state from the model",
     "rwkv": "RWKV's 'attention' is a recurrent time-mix that carries state; no attention mask or mode applies",
     "big_bird": "block-sparse attention needs a length that is a multiple of its block size; the model itself falls "
@@ -96,6 +96,7 @@ def _case(model_type: str, root: Path) -> Case | str:
     if pair is None:
         return "no attention layer in the tiny config (state-space / recurrent layers only)"
     impls = [i for i in ("eager", "sdpa") if i in supported_attn_implementations(meta)]
+    spec = discover(meta.config, meta)  # its own error is a failure (or a listed known one), never a skip
     hidden = {}
     try:
         torch.manual_seed(0)
@@ -115,12 +116,11 @@ def _case(model_type: str, root: Path) -> Case | str:
                 out = model(ids, output_hidden_states=True)
                 # the final hidden state (after the final norm) is the decoder's own last_hidden_state: some
                 # families' hidden_states[-1] is the last layer's output before that norm
-                decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+                decoder = model.get_submodule(spec.decoder) if spec.decoder else None
                 last = getattr(decoder(input_ids=ids), "last_hidden_state", None) if decoder is not None else None
             hidden[impl] = (out.hidden_states, out.hidden_states[-1] if last is None else last)
     except Exception as err:
         return f"transformers cannot run a tiny {model_type} on CPU: {type(err).__name__}: {str(err)[:120]}"
-    spec = discover(meta.config, meta)
     return Case(model_type, folder, sharded, hidden, pair, spec.default_attention, impls, spec.final_norm is not None)
 
 

@@ -87,7 +87,10 @@ def test_last_layer_with_llm_norm_matches_final_hidden_state(family, tiny_checkp
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "gpt2", "opt", "gpt_neox", "bert"])
+@pytest.mark.parametrize(
+    "family",
+    ["llama", "qwen2", "gemma3_text", "gpt2", "opt", "gpt_neox", "bert", "mixtral", "bloom", "falcon", "mpt"],
+)
 def test_padding_mask_matches_model_forward(family, impl, tiny_checkpoint):
     """Right padding through `Tokens.mask` equals the model's own `attention_mask` on the real tokens."""
     if impl not in _impls(family):

@@ -133,7 +133,9 @@ def _decoder(model: nn.Module) -> tuple[str, nn.Module]:
             dec = getter()
         except (AttributeError, NotImplementedError, ValueError):
             dec = None
-    if dec is None:
+    from transformers import PreTrainedModel
+
+    if not isinstance(dec, PreTrainedModel):  # ModernBERT-decoder's get_decoder() is its LM head
         dec = getattr(model, "base_model", model)
     for path, m in model.named_modules():
         if m is dec:

@@ -15,7 +15,7 @@ import torch
 from .discovery import build_meta_model, discover, iter_causal_lm_types, tiny_config
 from .families import FamilySpec
 
-__all__ = ["FamilyStatus", "survey", "survey_markdown"]
+__all__ = ["FamilyStatus", "survey", "survey_markdown", "timed_survey"]
 
 _ATTENTION = ("full_attention", "sliding_attention")
 MAX_PARAMS = 30e6
@@ -77,7 +77,11 @@ def _check_one(model_type: str, check: bool) -> FamilyStatus:
     except Exception as err:
         return FamilyStatus(model_type, "skipped", f"transformers cannot run a tiny one: {type(err).__name__}", spec)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp)
+        except Exception as err:
+            reason = f"transformers cannot save a tiny one: {type(err).__name__}"
+            return FamilyStatus(model_type, "skipped", reason, spec)
         try:
             mode = spec.default_attention
             blocks = load_blocks(
@@ -137,7 +141,8 @@ def survey_markdown(rows: list[FamilyStatus], seconds: float | None = None) -> s
     return "\n".join(lines) + "\n"
 
 
-def timed_survey(check: bool) -> tuple[list[FamilyStatus], float]:
+def timed_survey(check: bool, model_types: list[str] | None = None) -> tuple[list[FamilyStatus], float]:
+    """`survey` and its wall time in seconds."""
     t = time.perf_counter()
-    rows = survey(check=check)
+    rows = survey(model_types, check=check)
     return rows, time.perf_counter() - t
