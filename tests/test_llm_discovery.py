@@ -24,6 +24,7 @@ import torch
 from mmblocks.llm import discover, load_blocks, tiny_config
 from mmblocks.llm.discovery import build_meta_model, iter_causal_lm_types
 from mmblocks.llm.load import supported_attn_implementations
+from mmblocks.llm.survey import attention_pair
 
 pytestmark = pytest.mark.families
 TOL = 1e-4  # absolute, plus RTOL: the weights moved off their init give hidden states up to ~1e3
@@ -68,17 +69,6 @@ class Case:
     final_norm: bool
 
 
-def _attention_pair(config) -> list[int] | None:
-    n = config.get_text_config().num_hidden_layers if hasattr(config, "get_text_config") else 4
-    kinds = getattr(config.get_text_config(), "layer_types", None) or ["full_attention"] * n
-    ok = [i for i, t in enumerate(kinds) if t in ATTENTION_TYPES]
-    for start in (1, 0):
-        for i in ok:
-            if i >= start and i + 1 in ok:
-                return [i, i + 1]
-    return ok[:1] or None
-
-
 @functools.cache
 def _case(model_type: str, root: Path) -> Case | str:
     """Build, perturb, save and run the tiny model once per architecture; a string is the reason to skip."""
@@ -92,7 +82,7 @@ def _case(model_type: str, root: Path) -> Case | str:
     n = sum(p.numel() for p in meta.parameters())
     if n > MAX_PARAMS:
         return f"the tiny config still has {n / 1e6:.0f}M parameters (sub-configs transformers keeps full size)"
-    pair = _attention_pair(meta.config)
+    pair = attention_pair(meta.config)
     if pair is None:
         return "no attention layer in the tiny config (state-space / recurrent layers only)"
     impls = [i for i in ("eager", "sdpa") if i in supported_attn_implementations(meta)]

@@ -15,7 +15,7 @@ import torch
 from .discovery import build_meta_model, discover, iter_causal_lm_types, tiny_config
 from .families import FamilySpec
 
-__all__ = ["FamilyStatus", "survey", "survey_markdown", "timed_survey"]
+__all__ = ["FamilyStatus", "attention_pair", "survey", "survey_markdown", "timed_survey"]
 
 _ATTENTION = ("full_attention", "sliding_attention")
 MAX_PARAMS = 30e6
@@ -33,7 +33,8 @@ class FamilyStatus:
     max_error: float | None = None
 
 
-def _pair(config) -> list[int] | None:
+def attention_pair(config) -> list[int] | None:
+    """Two consecutive attention layers (from index 1 if possible), or one, or None: the layers the check loads."""
     text = config.get_text_config()
     kinds = getattr(text, "layer_types", None) or ["full_attention"] * int(text.num_hidden_layers)
     ok = [i for i, t in enumerate(kinds) if t in _ATTENTION]
@@ -61,7 +62,7 @@ def _check_one(model_type: str, check: bool) -> FamilyStatus:
     n = sum(p.numel() for p in meta.parameters())
     if n > MAX_PARAMS:
         return FamilyStatus(model_type, "skipped", f"tiny config still {n / 1e6:.0f}M parameters", spec)
-    pair = _pair(meta.config)
+    pair = attention_pair(meta.config)
     if pair is None:
         return FamilyStatus(model_type, "skipped", "no attention layer (state-space / recurrent)", spec)
     try:
