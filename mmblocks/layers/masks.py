@@ -170,13 +170,15 @@ def build_attention_mask(
     device: torch.device,
     sliding_window: int | None = None,
     ratio: float | torch.Tensor | None = None,
+    explicit: bool = False,
 ) -> Any:
     """The attention mask the `attn_implementation` backend expects for `mode` (`None` when the module's
-    `is_causal` flag alone expresses it). This is the ``pre_softmax`` implementation.
+    `is_causal` flag alone expresses it, unless `explicit`). This is the ``pre_softmax`` implementation.
 
     Args:
         padding_mask: ``[B, N]`` bool, True = real token, or `None`.
         sliding_window: local attention span of the layer, or `None` for full attention.
+        explicit: always build the mask tensor (layers that read it themselves, e.g. DeepSeek's sparse indexer).
         ratio: the soft-mask ratio ``r`` (mode ``soft`` only): the mask is the float ``log M`` of
             `soft_mask_matrix` (``[B, 1, N, N]``, the dtype's minimum where ``M = 0``), for eager, SDPA and flex.
     """
@@ -196,8 +198,8 @@ def build_attention_mask(
         mask_function=_mask_function(mode, sliding_window),
         attention_mask=padding_mask,
         local_size=sliding_window,
-        allow_is_causal_skip=mode == "causal",
-        allow_is_bidirectional_skip=mode == "bidirectional",
+        allow_is_causal_skip=mode == "causal" and not explicit,
+        allow_is_bidirectional_skip=mode == "bidirectional" and not explicit,
         dtype=dtype,
         device=device,
     )
@@ -248,6 +250,7 @@ def layer_attention_kwargs(
     device: torch.device,
     sliding_window: int | None = None,
     ratio: float | torch.Tensor | None = None,
+    explicit: bool = False,
 ) -> dict[str, Any]:
     """The attention keywords of one layer call: ``attention_mask`` (and, for ``post_softmax_mult``, the mask
     weights ``M`` ``[B, 1, N, N]`` (`soft_mask_matrix`) under ``POST_SOFTMAX_MULT_KWARG``)."""
@@ -264,6 +267,7 @@ def layer_attention_kwargs(
             device,
             sliding_window=sliding_window,
             ratio=ratio,
+            explicit=explicit,
         )
         return {"attention_mask": mask}
     if mode == "soft" and ratio is None:

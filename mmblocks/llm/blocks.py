@@ -339,6 +339,8 @@ class LLMBlocks(nn.Module):
                 device,
                 sliding_window=window,
                 ratio=ratio,
+                # layer types beyond full / sliding (DeepSeek's indexed attention) read the mask themselves
+                explicit=layer_type not in ("full_attention", "sliding_attention"),
             )
             if self.rotary is not None:
                 position_ids, cos_sin = self._positions(num_tokens, device, dtype, layer_type)

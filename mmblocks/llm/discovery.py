@@ -36,6 +36,7 @@ from .families import ENTRIES, FamilySpec, UnknownFamilyError
 
 __all__ = [
     "build_meta_model",
+    "is_attention_type",
     "discover",
     "get_family",
     "iter_causal_lm_types",
@@ -265,9 +266,22 @@ def _residual_outputs(layer: nn.Module, roots: tuple[str, ...]) -> tuple[str, ..
     return tuple(out)
 
 
-def _attends_causally(layer: nn.Module) -> bool | None:
+def residual_outputs(layer: nn.Module) -> tuple[str, ...]:
+    """The residual-stream output parameters of this layer (layers of one model differ: dense and MoE layers,
+    attention and state-space layers)."""
+    attn = _attention_child(layer)
+    return _residual_outputs(layer, ((attn,) if attn else ()) + _mlp_children(layer, attn))
+
+
+def _is_encoder(config: PretrainedConfig, layer: nn.Module) -> bool:
+    """BERT-style bidirectional layers: a config that says it is not a decoder (``is_decoder`` False, not
+    encoder-decoder) and is a masked-LM architecture or has attention modules, none of them causal. Neither test
+    suffices alone: GPT-NeoX's config also says ``is_decoder`` False, and Bart-like decoders keep ``is_causal``
+    False while their model passes a causal mask."""
+    if getattr(config, "is_decoder", None) is not False or getattr(config, "is_encoder_decoder", False):
+        return False
     flags = [m.is_causal for m in layer.modules() if isinstance(getattr(m, "is_causal", None), bool)]
-    return any(flags) if flags else None
+    return causal_lm_encoder(config) or (bool(flags) and not any(flags))
 
 
 def _eps(norm: nn.Module | None, config: PretrainedConfig) -> float:
@@ -293,6 +307,14 @@ def _norm_kind(norm: nn.Module | None) -> str:
 
 def _forward_params(layer: nn.Module) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(layer.forward).parameters)
+
+
+def is_attention_type(layer_type: str) -> bool:
+    """Layer types LLMBlocks runs: softmax attention over all (``full_attention``, DeepSeek's
+    ``indexed_attention``, compressed / sparse variants) or windowed (``sliding_attention``) keys. Not: linear
+    attention, state-space, convolution, hybrid (an SSM branch beside the attention) or chunked layers."""
+    excluded = ("linear", "chunked", "hybrid", "conv", "mamba", "recurrent", "cross")
+    return layer_type.endswith("attention") and not any(x in layer_type for x in excluded)
 
 
 #: layer arguments LLMBlocks supplies itself
@@ -329,7 +351,6 @@ def discover(config: PretrainedConfig, model: nn.Module | None = None) -> Family
     attn = _attention_child(layer)
     mlp = _mlp_children(layer, attn)
     roots = ((attn,) if attn else ()) + mlp
-    causal = _attends_causally(layer)
     if entry is not None and entry.positions:
         positions = entry.positions
     elif rotary is not None and "position_embeddings" in params:
@@ -355,7 +376,7 @@ def discover(config: PretrainedConfig, model: nn.Module | None = None) -> Family
         sliding_all=getattr(config, "layer_types", None) is None
         and isinstance(getattr(config, "sliding_window", None), int),
         eps=_eps(norm_module, config),
-        encoder=causal is False,
+        encoder=_is_encoder(config, layer),
         layer_class=type(layer).__name__,
         model_class=type(model).__name__,
         moe=any(_is_moe(m) for m in stack),
@@ -496,6 +517,10 @@ def _shrink(config: PretrainedConfig, n_layers: int) -> None:
             if key.endswith("types") and len(kinds) == len(set(value)):
                 value = [kinds[i % len(kinds)] for i in range(n_layers)]  # keep every kind, cycled
             setattr(config, key, list(value[:n_layers]))
+    if isinstance(values.get("attn_layer_period"), int):  # Jamba: attention every `period` layers from `offset`
+        config.attn_layer_period, config.attn_layer_offset = 2, 1
+    if "attn_layer_indices" in values:  # Bamba / GraniteMoeHybrid: attention at these indices
+        config.attn_layer_indices = [1, 2]
     vocab = getattr(config, "vocab_size", None)
     for key, value in values.items():
         if key.endswith("_token_id") and isinstance(value, int) and isinstance(vocab, int) and value >= vocab:

@@ -120,7 +120,27 @@ def _mpt_alibi(blocks: Any, batch: int, n: int, padding: torch.Tensor | None, de
     return {"position_bias": table.to(dtype)}
 
 
-POSITION_ARGS: dict[str, Callable[..., dict[str, Any]]] = {"bloom": _bloom_alibi, "mpt": _mpt_alibi}
+def _roformer_sinusoidal(blocks: Any, batch: int, n: int, padding: torch.Tensor | None, device, dtype) -> dict:
+    """RoFormer rotates queries and keys by a sinusoidal table (``[1, 1, N, head_dim]``: sines, then cosines) that
+    its encoder builds; ``rope="none"`` gives sin 0 / cos 1, the identity rotation."""
+    cfg = blocks.config
+    dim = cfg.hidden_size // cfg.num_attention_heads
+    half = dim // 2 if dim % 2 == 0 else dim // 2 + 1
+    if blocks.rope == "none":
+        table = torch.cat([torch.zeros(n, half), torch.ones(n, dim - half)], dim=-1)
+    else:  # the table of RoFormerSinusoidalPositionalEmbedding, computed in float64 as it is
+        pos = torch.arange(n, dtype=torch.float64)[:, None]
+        j = torch.arange(dim, dtype=torch.float64)
+        angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
+        table = torch.cat([torch.sin(angle[:, 0::2]), torch.cos(angle[:, 1::2])], dim=-1).float()
+    return {"sinusoidal_pos": table[None, None].to(device=device, dtype=dtype)}
+
+
+POSITION_ARGS: dict[str, Callable[..., dict[str, Any]]] = {
+    "bloom": _bloom_alibi,
+    "mpt": _mpt_alibi,
+    "roformer": _roformer_sinusoidal,
+}
 
 
 def position_args(spec: FamilySpec) -> Callable[..., dict[str, Any]] | None:
@@ -133,6 +153,11 @@ ENTRIES: dict[str, FamilyEntry] = {
         "ALiBi: the model builds the per-head bias from the padding mask and passes it to every layer as `alibi`",
         positions="alibi",
         layer_args=("alibi",),
+    ),
+    "roformer": FamilyEntry(
+        "rotary from a sinusoidal table the encoder builds and passes to every layer as `sinusoidal_pos`",
+        positions="sinusoidal",
+        layer_args=("sinusoidal_pos",),
     ),
     "mpt": FamilyEntry(
         "ALiBi: the model passes its bias table to every layer as `position_bias`; its attention takes a boolean "

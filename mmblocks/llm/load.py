@@ -14,7 +14,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ..layers.masks import ATTENTION_MODES, AttentionMode, CausalImpl
 from ..layers.norms import UnitRMSNorm, is_norm_module
 from .blocks import FINAL_NORMS, ROPE_MODES, FinalNorm, LLMBlocks, RopeMode
-from .discovery import build_meta_model, discover
+from .discovery import build_meta_model, discover, is_attention_type
 from .families import FamilySpec, UnknownFamilyError
 from .sources import MissingWeightsError, ResolvedSource, TensorReader, resolve_source
 from .tuning import TUNE_MODES, TuneMode, apply_tuning
@@ -24,8 +24,6 @@ __all__ = ["DTYPES", "DTypeName", "load_blocks", "resolve_layers"]
 #: dtype names a config may give (`load_blocks` also takes a `torch.dtype`).
 DTypeName = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = get_args(DTypeName)
-
-_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def resolve_layers(layers: int | Iterable[int] | range, num_hidden_layers: int) -> list[int]:
@@ -62,10 +60,11 @@ def _layer_types(config: PretrainedConfig, spec: FamilySpec, indices: Sequence[i
             t = "sliding_attention"
         else:
             t = "full_attention"
-        if t not in _LAYER_TYPES:
+        if not is_attention_type(t):
             raise UnknownFamilyError(
-                f"layer {i} of {spec.model_type} is a {t!r} layer; LLMBlocks runs attention layers {_LAYER_TYPES} "
-                f"(the model's layer types: {sorted(set(declared or []))}): pick attention layers"
+                f"layer {i} of {spec.model_type} is a {t!r} layer; LLMBlocks runs softmax-attention layers (full, "
+                f"sliding-window, indexed / sparse; the model's layer types: {sorted(set(declared or []))}): pick "
+                "attention layers"
             )
         if t == "sliding_attention" and not window:
             t = "full_attention"

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .discovery import build_meta_model, discover, iter_causal_lm_types, tiny_config
+from .discovery import build_meta_model, discover, is_attention_type, iter_causal_lm_types, tiny_config
 from .families import FamilySpec
 
 __all__ = ["FamilyStatus", "attention_pair", "survey", "survey_markdown", "timed_survey"]
 
-_ATTENTION = ("full_attention", "sliding_attention")
 MAX_PARAMS = 30e6
 
 
@@ -37,7 +36,7 @@ def attention_pair(config) -> list[int] | None:
     """Two consecutive attention layers (from index 1 if possible), or one, or None: the layers the check loads."""
     text = config.get_text_config()
     kinds = getattr(text, "layer_types", None) or ["full_attention"] * int(text.num_hidden_layers)
-    ok = [i for i, t in enumerate(kinds) if t in _ATTENTION]
+    ok = [i for i, t in enumerate(kinds) if is_attention_type(t)]
     for start in (1, 0):
         for i in ok:
             if i >= start and i + 1 in ok:
@@ -70,8 +69,9 @@ def _check_one(model_type: str, check: bool) -> FamilyStatus:
         meta.config._attn_implementation = "eager"
         model = type(meta)._from_config(meta.config).eval()
         with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(-1.5).add_(0.05)
+            for name, p in model.named_parameters():  # off their init; fixed sinusoidal tables stay
+                if "embed_positions" not in name:
+                    p.mul_(-1.5).add_(0.05)
         ids = torch.randint(3, model.config.get_text_config().vocab_size, (2, 12))
         with torch.no_grad():
             hs = model(ids, output_hidden_states=True).hidden_states

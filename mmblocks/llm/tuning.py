@@ -15,7 +15,7 @@ from torch import nn
 
 from ..layers.norms import is_norm_module
 from .blocks import LLMBlocks, call_layer
-from .discovery import RESIDUAL_OUT_NAMES
+from .discovery import RESIDUAL_OUT_NAMES, residual_outputs
 
 __all__ = [
     "TUNE_MODES",
@@ -94,9 +94,14 @@ def apply_tuning(blocks: LLMBlocks, tune: str, **kwargs: Any) -> LLMBlocks:
 
 # ------------------------------------------------------------------------------------------------ lora
 def _is_linear(m: nn.Module) -> bool:
+    """A linear layer peft can wrap: `nn.Linear` (subclasses such as Falcon's included) or GPT-2's `Conv1D`. A router
+    that subclasses `nn.Linear` but returns a tuple (Llama 4's, PhiMoE's ``*Router``) is not one: peft's wrapper
+    expects a tensor."""
     from transformers.pytorch_utils import Conv1D
 
-    return isinstance(m, (nn.Linear, Conv1D))
+    if isinstance(m, Conv1D):
+        return True
+    return isinstance(m, nn.Linear) and ("Router" not in type(m).__name__ or type(m).forward is nn.Linear.forward)
 
 
 def lora_target_modules(blocks: LLMBlocks, target: str) -> list[str]:
@@ -217,11 +222,6 @@ def _apply_expand(blocks: LLMBlocks, every: int) -> None:
     spec = blocks.spec
     if spec.expand:
         raise ValueError(f"tune='expand' is impossible for {spec.model_type}: {spec.expand}")
-    if not spec.residual_out:
-        raise ValueError(
-            f"tune='expand' needs pre-norm layers whose residual-stream outputs can be zeroed; {spec.model_type} has "
-            f"no projection named like one ({', '.join(sorted(RESIDUAL_OUT_NAMES))}) in {spec.attn!r} / {spec.mlp}"
-        )
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"expand option `every` must be a positive int, got {every!r}")
     new_layers, new_indices, new_types, frozen = [], [], [], []
@@ -232,12 +232,18 @@ def _apply_expand(blocks: LLMBlocks, every: int) -> None:
         frozen.append(layer)
         if (pos + 1) % every == 0:
             twin = copy.deepcopy(layer)
-            _zero_residual_outputs(twin, spec.residual_out)
+            outputs = residual_outputs(twin)
+            if not outputs:
+                raise ValueError(
+                    f"tune='expand' needs pre-norm layers whose residual-stream outputs can be zeroed; layer {idx} of "
+                    f"{spec.model_type} has no projection named like one ({', '.join(sorted(RESIDUAL_OUT_NAMES))})"
+                )
+            _zero_residual_outputs(twin, outputs)
             err = _identity_error(blocks, twin, ltype)
             if err > 1e-5:
                 raise ValueError(
                     f"tune='expand' needs pre-norm layers whose residual-stream outputs can be zeroed; in "
-                    f"{spec.model_type}, a copy of layer {idx} with {list(spec.residual_out)} zeroed still changes its "
+                    f"{spec.model_type}, a copy of layer {idx} with {list(outputs)} zeroed still changes its "
                     f"input (max relative change {err:.2g}): the layer normalises the residual stream (post-norm) or "
                     "writes into it through another path, so the copy is not the identity"
                 )
