@@ -14,7 +14,15 @@ from .sources import (
     list_offline_models,
     resolve_source,
 )
-from .tuning import TUNE_KWARGS, TUNE_MODES, GatedLayer, InterpolatedLayer, TuneMode, lora_target_modules
+from .tuning import (
+    TUNE_KWARGS,
+    TUNE_MODES,
+    GatedLayer,
+    InterpolatedLayer,
+    TuneMode,
+    lora_target_modules,
+    lora_target_parameters,
+)
 
 __all__ = [
     "ATTENTION_MODES",
@@ -45,6 +53,7 @@ __all__ = [
     "list_offline_models",
     "load_blocks",
     "lora_target_modules",
+    "lora_target_parameters",
     "resolve_layers",
     "resolve_source",
     "tiny_config",

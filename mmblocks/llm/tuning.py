@@ -24,6 +24,7 @@ __all__ = [
     "GatedLayer",
     "InterpolatedLayer",
     "lora_target_modules",
+    "lora_target_parameters",
 ]
 
 TuneMode = Literal["frozen", "norm", "lora", "full", "random", "gated", "expand", "interpolate"]
