@@ -1,6 +1,19 @@
 """Heads on top of `Tokens`, registered by name (`create_head`, `list_heads`)."""
 
 from .classification import POOLING, ClassifierHead, Pooling
+from .prefix_lm import IGNORE_INDEX, PrefixLMHead, PrefixLMOutput, SplicedBatch
 from .registry import HEADS, create_head, list_heads, register_head
 
-__all__ = ["HEADS", "POOLING", "ClassifierHead", "Pooling", "create_head", "list_heads", "register_head"]
+__all__ = [
+    "HEADS",
+    "IGNORE_INDEX",
+    "POOLING",
+    "ClassifierHead",
+    "Pooling",
+    "PrefixLMHead",
+    "PrefixLMOutput",
+    "SplicedBatch",
+    "create_head",
+    "list_heads",
+    "register_head",
+]

@@ -5,6 +5,7 @@ from ..layers.norms import UnitRMSNorm
 from .blocks import FINAL_NORMS, ROPE_MODES, FinalNorm, LLMBlocks, RopeMode
 from .discovery import discover, get_family, list_families, tiny_config
 from .families import ENTRIES, FamilyEntry, FamilySpec, UnknownFamilyError
+from .lm import LM_TUNE_MODES, load_lm, load_tokenizer
 from .load import DTYPES, load_blocks, resolve_layers
 from .sources import (
     MissingDependencyError,
@@ -29,6 +30,7 @@ __all__ = [
     "DTYPES",
     "ENTRIES",
     "FINAL_NORMS",
+    "LM_TUNE_MODES",
     "ROPE_MODES",
     "TUNE_KWARGS",
     "TUNE_MODES",
@@ -52,6 +54,8 @@ __all__ = [
     "list_families",
     "list_offline_models",
     "load_blocks",
+    "load_lm",
+    "load_tokenizer",
     "lora_target_modules",
     "lora_target_parameters",
     "resolve_layers",
