@@ -19,7 +19,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("tokenizers_mm",),
     ("adapters",),
     ("mmblocks.errors", "mmblocks.params", "mmblocks.safe_load"),
-    ("mmblocks.layers",),
+    ("mmblocks.layers", "mmblocks.eval"),
     ("mmblocks.llm", "mmblocks.heads", "mmblocks.data"),
     ("mmblocks.models", "mmblocks.tasks"),
     ("mmblocks.train",),
