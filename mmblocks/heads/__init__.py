@@ -1,6 +1,7 @@
 """Heads on top of `Tokens`, registered by name (`create_head`, `list_heads`)."""
 
 from .classification import POOLING, ClassifierHead, Pooling
+from .ctc import CharVocab, CTCHead
 from .prefix_lm import IGNORE_INDEX, PrefixLMHead, PrefixLMOutput, SplicedBatch
 from .registry import HEADS, create_head, list_heads, register_head
 
@@ -8,7 +9,9 @@ __all__ = [
     "HEADS",
     "IGNORE_INDEX",
     "POOLING",
+    "CharVocab",
     "ClassifierHead",
+    "CTCHead",
     "Pooling",
     "PrefixLMHead",
     "PrefixLMOutput",
