@@ -3,6 +3,7 @@
 from .classification import POOLING, ClassifierHead, Pooling
 from .ctc import CharVocab, CTCHead
 from .prefix_lm import IGNORE_INDEX, PrefixLMHead, PrefixLMOutput, SplicedBatch
+from .prompt import PromptFormat
 from .registry import HEADS, create_head, list_heads, register_head
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "Pooling",
     "PrefixLMHead",
     "PrefixLMOutput",
+    "PromptFormat",
     "SplicedBatch",
     "create_head",
     "list_heads",
