@@ -56,6 +56,7 @@ from .schema import (
     SplitInfo,
     read_index,
 )
+from .shapes import make_shapes
 from .shards import (
     FILE_EXTENSIONS,
     ShardWriteError,
@@ -88,6 +89,7 @@ __all__ = [
     "list_datasets",
     "register_codec",
     "register_dataset",
+    "make_shapes",
     "DATASETS",
     "DIRECTIONS",
     "ENGLISH_VOICES",
