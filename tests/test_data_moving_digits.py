@@ -134,3 +134,30 @@ def test_plain_webdataset_and_reproducible(videos, tmp_path):
     other = {s["__key__"]: s["mp4"] for s in _read(tmp_path / "b", "test")}
     same_seed = {s["__key__"]: s["mp4"] for s in _read(videos, "test")}
     assert all(other[k] != same_seed[k] for k in other)
+
+
+def test_caption_variant_keeps_held_out_motions_out_of_training(tmp_path):
+    """``moving-digit-captions``: ``txt`` says the digit and its direction; no training clip shows a held-out
+    (digit, direction) pair, while the test split holds them."""
+    import json as _json
+
+    import webdataset as _wds
+
+    from mmblocks.data import make_dataset
+    from mmblocks.data.moving_digits import DIRECTIONS, HELD_OUT_MOTIONS, caption
+
+    make_dataset("moving-digit-captions", tmp_path, seed=0, clips_per_class=(12, 0, 12), progress=False)
+    seen = {}
+    for split in ("train", "test"):
+        urls = sorted(str(p) for p in tmp_path.glob(f"{split}-*.tar"))
+        pairs = []
+        for sample in _wds.WebDataset(urls, shardshuffle=False):
+            meta = _json.loads(sample["json"])
+            c = DIRECTIONS.index(meta["direction"])
+            assert sample["txt"].decode() == caption(meta["digit"], c) == meta["caption"]
+            assert meta["held_out"] == ((meta["digit"], c) in HELD_OUT_MOTIONS)
+            pairs.append((meta["digit"], c))
+        seen[split] = pairs
+    assert not set(seen["train"]) & HELD_OUT_MOTIONS
+    assert set(seen["test"]) & HELD_OUT_MOTIONS
+    assert caption(3, 3) == "the digit 3 moves up and to the left"

@@ -43,7 +43,7 @@ from .loader import (
     resolve_shards,
 )
 from .meshes import MESH_CATEGORIES, make_meshes
-from .moving_digits import DIRECTIONS, make_moving_digits
+from .moving_digits import DIRECTIONS, make_moving_digit_captions, make_moving_digits
 from .registry import DATASETS, list_datasets, make_dataset, register_dataset
 from .schema import (
     FORMAT_VERSION,
@@ -90,6 +90,7 @@ __all__ = [
     "register_codec",
     "register_dataset",
     "make_shapes",
+    "make_moving_digit_captions",
     "DATASETS",
     "DIRECTIONS",
     "ENGLISH_VOICES",

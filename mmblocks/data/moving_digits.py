@@ -35,12 +35,41 @@ import numpy as np
 from .registry import register_dataset
 from .shards import write_shards
 
-__all__ = ["DIRECTIONS", "digit_trajectory", "draw_motion", "make_moving_digits", "render_clip"]
+__all__ = [
+    "DIRECTIONS",
+    "DIRECTION_PHRASES",
+    "HELD_OUT_MOTIONS",
+    "caption",
+    "digit_trajectory",
+    "draw_motion",
+    "make_moving_digit_captions",
+    "make_moving_digits",
+    "render_clip",
+]
 
 SPLITS = ("train", "val", "test")
 
 #: Class names: direction of motion, 45 degrees apart, counter-clockwise from east.
 DIRECTIONS = ("E", "NE", "N", "NW", "W", "SW", "S", "SE")
+#: How a caption says each direction (image up = north).
+DIRECTION_PHRASES = (
+    "right",
+    "up and to the right",
+    "up",
+    "up and to the left",
+    "left",
+    "down and to the left",
+    "down",
+    "down and to the right",
+)
+#: (digit, direction index) pairs that ``moving-digit-captions`` keeps out of training: digit d never moves in
+#: direction d mod 8 there, while val / test hold every pair.
+HELD_OUT_MOTIONS: frozenset[tuple[int, int]] = frozenset((d, d % 8) for d in range(10))
+
+
+def caption(digit: int, direction: int) -> str:
+    """ "the digit 3 moves up and to the left"."""
+    return f"the digit {digit} moves {DIRECTION_PHRASES[direction]}"
 
 
 def _velocity(direction: int, speed: float) -> tuple[float, float]:
@@ -116,12 +145,15 @@ def make_moving_digits(
     max_bytes: int | str = 1_000_000_000,
     command: str | None = None,
     progress: bool = True,
+    captions: bool = False,
 ) -> dict[str, Any]:
     """Write the ``moving-digits`` video dataset (module docstring: motion, no single-frame cue, digit split).
 
     Defaults: 8 directions x 100/20/20 clips for train/val/test (1120 clips of 16 frames 64x64 at 8 fps, MPEG-4
     quantiser `quality` 3, ~7 MB, ~8 s on 2 cores). Clip j of class c in split s draws its digit (uniform over the
     split's digit images), start, speed and background from ``np.random.default_rng([seed, s, c, j])``.
+    With `captions` (``moving-digit-captions``) each sample also holds its caption in ``txt`` and training clips
+    never show a pair of `HELD_OUT_MOTIONS` (such a draw takes the next digit image of another digit).
     Returns the index contents.
     """
     from sklearn.datasets import load_digits
@@ -164,7 +196,13 @@ def make_moving_digits(
         "digit_fractions": dict(zip(SPLITS, (float(f) for f in fractions))),
         "digit_counts": {split: len(pools[split]) for split in SPLITS},
     }
-    command = command or f"mmblocks shards make moving-digits --out {out} --seed {seed}"
+    if captions:
+        description["name"] = "moving-digit-captions"
+        description["captions"] = "txt: 'the digit 3 moves up and to the left'"
+        description["held_out_motions"] = sorted([d, DIRECTIONS[c]] for d, c in HELD_OUT_MOTIONS)
+        description["split_policy"] += "; held-out (digit, direction) pairs never in train, all pairs in val / test"
+    name = "moving-digit-captions" if captions else "moving-digits"
+    command = command or f"mmblocks shards make {name} --out {out} --seed {seed}"
     result: dict[str, Any] = {}
     for s, split in enumerate(SPLITS):
         if counts[split] == 0:
@@ -179,6 +217,9 @@ def make_moving_digits(
                 draw = [seed, s, c, j]
                 rng = np.random.default_rng(draw)
                 index = int(pool[int(rng.integers(len(pool)))])
+                if captions and split == "train":
+                    while (int(digits.target[index]), c) in HELD_OUT_MOTIONS:
+                        index = int(pool[int(rng.integers(len(pool)))])
                 start, speed, velocity = draw_motion(rng, c, size, (lo, hi))
                 bg = _background(rng, size, background)
                 positions = digit_trajectory(start, velocity, frames)
@@ -199,7 +240,11 @@ def make_moving_digits(
                     "seed": draw,
                 }
                 mp4 = encode_video(clip, fps=fps, codec="mpeg4", quality=quality)
-                yield {"__key__": f"{DIRECTIONS[c]}-{split}-{j:05d}", "mp4": mp4, "cls": c, "json": meta}
+                sample = {"__key__": f"{DIRECTIONS[c]}-{split}-{j:05d}", "mp4": mp4, "cls": c, "json": meta}
+                if captions:
+                    sample["txt"] = meta["caption"] = caption(int(digits.target[index]), c)
+                    meta["held_out"] = (int(digits.target[index]), c) in HELD_OUT_MOTIONS
+                yield sample
 
         result = write_shards(
             samples(),
@@ -216,3 +261,10 @@ def make_moving_digits(
             overwrite=True,  # make_dataset refused an existing dataset unless asked to replace it
         )
     return result
+
+
+@register_dataset("moving-digit-captions")
+def make_moving_digit_captions(out: str | os.PathLike, *, seed: int = 0, **kwargs: Any) -> dict[str, Any]:
+    """``moving-digits`` with captions (video-LLM): ``txt`` = "the digit 3 moves up and to the left"; the pairs of
+    `HELD_OUT_MOTIONS` are kept out of training (see `make_moving_digits`)."""
+    return make_moving_digits(out, seed=seed, captions=True, **kwargs)
