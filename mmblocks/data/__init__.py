@@ -56,6 +56,7 @@ from .schema import (
     SplitInfo,
     read_index,
 )
+from .sentences import make_sentences
 from .shapes import make_shapes
 from .shards import (
     FILE_EXTENSIONS,
@@ -90,6 +91,7 @@ __all__ = [
     "register_codec",
     "register_dataset",
     "make_shapes",
+    "make_sentences",
     "make_moving_digit_captions",
     "DATASETS",
     "DIRECTIONS",
