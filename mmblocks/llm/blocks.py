@@ -117,6 +117,9 @@ class LLMBlocks(nn.Module):
         self.rope = rope
         self.rotary = rotary
         self._position_args = position_args(family)
+        self._takes_shared_kv = any(
+            "shared_kv_states" in inspect.signature(layer.forward).parameters for layer in layers
+        )
         # Gemma 3 style rotaries take the layer type (each type has its own base frequency)
         self.rotary_takes_layer_type = (
             rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
@@ -325,6 +328,8 @@ class LLMBlocks(nn.Module):
         `is_causal` flag, see `attention.py`; plus the mask weights for ``post_softmax_mult``) and, for rotary
         families, `position_embeddings` (axial rotary over ``tokens.pos`` for ``rope="2d" | "3d"``)."""
         ratio = self._buffers.get("soft_mask_ratio") if self.attention == "soft" else None
+        # Gemma 4 layers read and write the keys / values they share through one dict per forward
+        shared_kv: dict[str, Any] | None = {} if self._takes_shared_kv else None
         out: dict[str, dict[str, Any]] = {}
         for layer_type in dict.fromkeys(self.layer_types):
             window = self.config.sliding_window if layer_type == "sliding_attention" else None
@@ -357,6 +362,8 @@ class LLMBlocks(nn.Module):
                 kwargs["position_ids"] = ids.unsqueeze(0).expand(batch_size, -1)
             if self._position_args is not None:
                 kwargs.update(self._position_args(self, batch_size, num_tokens, padding_mask, device, dtype))
+            if shared_kv is not None:
+                kwargs["shared_kv_states"] = shared_kv
             mask = kwargs.get("attention_mask")
             if self.spec.mask == "masked_bool" and isinstance(mask, torch.Tensor) and mask.is_floating_point():
                 kwargs["attention_mask"] = mask != 0

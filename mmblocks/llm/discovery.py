@@ -517,6 +517,14 @@ def _shrink(config: PretrainedConfig, n_layers: int) -> None:
             if key.endswith("types") and len(kinds) == len(set(value)):
                 value = [kinds[i % len(kinds)] for i in range(n_layers)]  # keep every kind, cycled
             setattr(config, key, list(value[:n_layers]))
+    per_layer = values.get("per_layer_config")
+    if isinstance(per_layer, dict):  # Gemma 4: overrides keyed by layer index; keep those of the layers left
+        config.per_layer_config = {k: v for k, v in per_layer.items() if str(k).isdigit() and int(k) < n_layers}
+    if isinstance(values.get("num_kv_shared_layers"), int):  # Gemma 3n: the last layers reuse earlier KV
+        config.num_kv_shared_layers = 0
+    for key in ("vocab_size_per_layer_input", "hidden_size_per_layer_input", "laurel_rank"):
+        if isinstance(values.get(key), int) and values[key] > 0:
+            setattr(config, key, {"vocab_size_per_layer_input": 128}.get(key, 16))
     if isinstance(values.get("attn_layer_period"), int):  # Jamba: attention every `period` layers from `offset`
         config.attn_layer_period, config.attn_layer_offset = 2, 1
     if "attn_layer_indices" in values:  # Bamba / GraniteMoeHybrid: attention at these indices
