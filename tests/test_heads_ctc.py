@@ -25,8 +25,7 @@ def test_loss_is_torch_ctc_over_the_real_tokens():
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[1, 7:] = False
     tokens = Tokens(x, mask=mask, modality="audio")
-    log_probs = head(tokens)
-    lengths = head.lengths(tokens)
+    log_probs, lengths = head(tokens)
     assert lengths.tolist() == [10, 7]
     targets = [[1, 2, 2, 3], [4, 5]]
     ours = head.loss(log_probs, lengths, targets)
@@ -75,7 +74,17 @@ def test_it_learns_to_spell_words_from_their_frames():
     targets = [vocab.encode(w) for w in words]
     for _ in range(300):
         opt.zero_grad()
-        head.loss(head(tokens), head.lengths(tokens), targets).backward()
+        head.loss(*head(tokens), targets).backward()
         opt.step()
-    decoded = [vocab.decode(ids) for ids in head.decode(head(tokens), head.lengths(tokens))]
+    decoded = [vocab.decode(ids) for ids in head.decode(*head(tokens))]
     assert decoded == words
+
+
+def test_special_tokens_are_dropped_and_patch_grids_refused():
+    head = CTCHead(4, 5)
+    x = torch.randn(2, 7, 4)
+    out = head(Tokens(x, grid=(6,), num_prefix=1, modality="audio"))
+    assert out.log_probs.shape == (2, 6, 5) and out.lengths.tolist() == [6, 6]
+    torch.testing.assert_close(out.log_probs, head(Tokens(x[:, 1:], grid=(6,), modality="audio")).log_probs)
+    with pytest.raises(ValueError, match=r"time sequence.*\(2, 3\) grid"):
+        head(Tokens(torch.randn(2, 6, 4), grid=(2, 3), modality="audio"))

@@ -1,7 +1,7 @@
 """Heads on top of `Tokens`, registered by name (`create_head`, `list_heads`)."""
 
 from .classification import POOLING, ClassifierHead, Pooling
-from .ctc import CharVocab, CTCHead
+from .ctc import CharVocab, CTCHead, CTCOutput
 from .prefix_lm import IGNORE_INDEX, PrefixLMHead, PrefixLMOutput, SplicedBatch
 from .prompt import PromptFormat
 from .registry import HEADS, create_head, list_heads, register_head
@@ -13,6 +13,7 @@ __all__ = [
     "CharVocab",
     "ClassifierHead",
     "CTCHead",
+    "CTCOutput",
     "Pooling",
     "PrefixLMHead",
     "PrefixLMOutput",

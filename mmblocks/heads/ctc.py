@@ -4,6 +4,7 @@ ASR baseline arm (`torch.nn.CTCLoss`; blank id 0)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,14 @@ from tokenizers_mm import Tokens
 
 from .registry import register_head
 
-__all__ = ["CTCHead", "CharVocab"]
+__all__ = ["CTCHead", "CTCOutput", "CharVocab", "ctc_loss", "greedy_decode"]
+
+
+class CTCOutput(NamedTuple):
+    """``log_probs [B, N, V]`` over the time tokens (special tokens removed) and their real ``lengths [B]``."""
+
+    log_probs: torch.Tensor
+    lengths: torch.Tensor
 
 
 class CharVocab:
@@ -51,11 +59,13 @@ class CharVocab:
 
 @register_head("ctc")
 class CTCHead(nn.Module):
-    """``Tokens [B, N, D] -> log-probabilities [B, N, V]`` (V = vocabulary with blank 0).
+    """``Tokens [B, N, D] -> CTCOutput(log_probs [B, N', V], lengths [B])`` (V = vocabulary with blank 0).
 
+    The tokens must be a time sequence (``Tokens.grid`` one-dimensional, e.g. `audio_frames`; a frequency x time
+    patch grid is refused); special tokens (cls, registers) are dropped and the lengths come from `Tokens.mask`.
     `loss` is `torch.nn.CTCLoss` (mean over the batch of the per-sample loss divided by its target length,
-    ``zero_infinity`` so that an input shorter than its target cannot give inf); the input lengths come from
-    `Tokens.mask`. `decode` is greedy: argmax per token, repeats collapsed, blanks removed.
+    ``zero_infinity`` so that an input shorter than its target cannot give inf). `decode` is greedy: argmax per
+    token, repeats collapsed, blanks removed.
     """
 
     def __init__(self, in_dim: int, vocab_size: int, dropout: float = 0.0):
@@ -65,7 +75,6 @@ class CTCHead(nn.Module):
         self.vocab_size = vocab_size
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(in_dim, vocab_size)
-        self.ctc = nn.CTCLoss(blank=0, reduction="mean", zero_infinity=True)
 
     @staticmethod
     def lengths(tokens: Tokens | torch.Tensor) -> torch.Tensor:
@@ -79,30 +88,53 @@ class CTCHead(nn.Module):
             raise ValueError("CTC needs each sample's real tokens first and its padding at the end (Tokens.mask)")
         return lengths
 
-    def forward(self, tokens: Tokens | torch.Tensor) -> torch.Tensor:
-        x = tokens.x if isinstance(tokens, Tokens) else tokens
-        return F.log_softmax(self.fc(self.drop(x)).float(), dim=-1)
+    def forward(self, tokens: Tokens | torch.Tensor) -> CTCOutput:
+        if isinstance(tokens, Tokens):
+            if tokens.grid is not None and len(tokens.grid) != 1:
+                raise ValueError(
+                    f"CTC reads a time sequence of tokens; these form a {tokens.grid} grid ({tokens.modality}): use a "
+                    "tokenizer with one token per time step (e.g. audio_frames)"
+                )
+            end = tokens.x.shape[1] - tokens.num_suffix
+            x = tokens.x[:, tokens.num_prefix : end]
+            mask = tokens.mask[:, tokens.num_prefix : end] if tokens.mask is not None else None
+            tokens = Tokens(x, mask=mask, modality=tokens.modality)
+        log_probs = F.log_softmax(self.fc(self.drop(tokens.x if isinstance(tokens, Tokens) else tokens)).float(), -1)
+        return CTCOutput(log_probs, self.lengths(tokens))
 
     def loss(self, log_probs: torch.Tensor, lengths: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch.Tensor:
         """CTC loss of ``log_probs [B, N, V]`` (`lengths` real tokens each) against the target id sequences."""
-        if len(targets) != log_probs.shape[0]:
-            raise ValueError(f"{len(targets)} targets for a batch of {log_probs.shape[0]}")
-        if any(len(t) == 0 for t in targets):
-            raise ValueError("an empty CTC target: every sample needs at least one symbol")
-        flat = torch.tensor([i for t in targets for i in t], dtype=torch.long, device=log_probs.device)
-        target_lengths = torch.tensor([len(t) for t in targets], dtype=torch.long, device=log_probs.device)
-        return self.ctc(log_probs.transpose(0, 1), flat, lengths, target_lengths)
+        return ctc_loss(log_probs, lengths, targets)
 
     @staticmethod
     def decode(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
-        """Greedy CTC decoding: per sample, argmax ids with repeats collapsed and blanks (0) removed."""
-        best = log_probs.argmax(-1).tolist()
-        out = []
-        for ids, n in zip(best, lengths.tolist()):
-            seq, prev = [], None
-            for i in ids[:n]:
-                if i != prev and i != 0:
-                    seq.append(i)
-                prev = i
-            out.append(seq)
-        return out
+        """Greedy CTC decoding (`greedy_decode`)."""
+        return greedy_decode(log_probs, lengths)
+
+
+def ctc_loss(log_probs: torch.Tensor, lengths: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch.Tensor:
+    """`torch.nn.functional.ctc_loss` (blank 0, mean over the batch of loss / target length, ``zero_infinity``) of
+    ``log_probs [B, N, V]`` with `lengths` real tokens each, against the target id sequences."""
+    if len(targets) != log_probs.shape[0]:
+        raise ValueError(f"{len(targets)} targets for a batch of {log_probs.shape[0]}")
+    if any(len(t) == 0 for t in targets):
+        raise ValueError("an empty CTC target: every sample needs at least one symbol")
+    flat = torch.tensor([i for t in targets for i in t], dtype=torch.long, device=log_probs.device)
+    target_lengths = torch.tensor([len(t) for t in targets], dtype=torch.long, device=log_probs.device)
+    return F.ctc_loss(
+        log_probs.transpose(0, 1), flat, lengths, target_lengths, blank=0, reduction="mean", zero_infinity=True
+    )
+
+
+def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    """Per sample: argmax ids over its real tokens, repeats collapsed, blanks (0) removed."""
+    best = log_probs.argmax(-1).tolist()
+    out = []
+    for ids, n in zip(best, lengths.tolist()):
+        seq, prev = [], None
+        for i in ids[:n]:
+            if i != prev and i != 0:
+                seq.append(i)
+            prev = i
+        out.append(seq)
+    return out

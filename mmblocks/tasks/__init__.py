@@ -2,12 +2,15 @@
 
 from .base import Metrics, StepOutput, Task
 from .classification import ClassificationMetrics, ClassificationTask
+from .ctc import CTCMetrics, CTCTask
 from .registry import TASKS, create_task, list_tasks, register_task
 
 __all__ = [
     "TASKS",
     "ClassificationMetrics",
     "ClassificationTask",
+    "CTCMetrics",
+    "CTCTask",
     "Metrics",
     "StepOutput",
     "Task",
