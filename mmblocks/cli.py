@@ -54,8 +54,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = train(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite)
     test = summary.get("test") or {}
     if test and _is_main_rank():
-        print(f"test accuracy {test['acc']:.4f} on {int(test['samples'])} samples")
+        print(_test_line(test))
     return 0
+
+
+def _test_line(test: dict) -> str:
+    """``test accuracy 0.9500 on 270 samples`` (classification) or the task's metrics (``test wer 0.5411, cer ...``)."""
+    n = int(test.get("samples", 0))
+    if "acc" in test:
+        return f"test accuracy {test['acc']:.4f} on {n} samples"
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k not in ("samples", "lost") and isinstance(v, float))
+    return f"test {shown} on {n} samples"
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ a tiny espeak-ng ``sentences`` set."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -43,27 +44,30 @@ def test_metrics_are_corpus_wer_and_cer_of_greedy_transcriptions():
 
 
 @pytest.mark.slow
-def test_ctc_recipe_trains_and_reports(tmp_path):
+def test_ctc_recipe_trains_and_reports(tmp_path, capsys):
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng missing: apt-get install espeak-ng")
     data = tmp_path / "sentences"
     make_dataset("sentences", data, seed=0, clips=(48, 8, 8), progress=False)
     run = tmp_path / "run"
-    summary = build_trainer(
-        "configs/asr/sentences_ctc.yaml",
-        [
-            f"data.root={data}",
-            f"train.out_dir={run}",
-            "train.epochs=2",
-            "data.batch_size=16",
-            "data.num_workers=0",
-            "model.backbone.embed_dim=64",
-            "model.backbone.num_heads=4",
-            "train.warmup_steps=2",
-        ],
-    ).fit()
+    overrides = [
+        f"data.root={data}",
+        f"train.out_dir={run}",
+        "train.epochs=2",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "model.backbone.embed_dim=64",
+        "model.backbone.num_heads=4",
+        "train.warmup_steps=2",
+    ]
+    summary = build_trainer("configs/asr/sentences_ctc.yaml", overrides).fit()
     assert summary["steps"] == 6 and summary["test"]["samples"] == 8
     assert summary["test"]["cer"] >= 0.0 and summary["test"]["wer"] >= 0.0
     rows = [json.loads(line) for line in (run / "report" / "predictions_test.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {"key", "reference", "prediction"} <= set(rows[0])
     assert "Transcriptions (test)" in (run / "report" / "report.md").read_text()
+    # the CLI prints the task's own metrics
+    from mmblocks.cli import main as cli_main
+
+    assert cli_main(["train", "configs/asr/sentences_ctc.yaml", *overrides, "train.epochs=1", "--overwrite"]) == 0
+    assert re.search(r"test loss [\d.]+, wer [\d.]+, cer [\d.]+ on 8 samples", capsys.readouterr().out)
