@@ -159,6 +159,65 @@ def keyword_voice_splits(
     return {"train": sorted(train), "val": sorted(perm[n_test : n_test + n_val]), "test": sorted(perm[:n_test])}
 
 
+def check_voice_options(
+    voices: Sequence[str],
+    variants: Sequence[str],
+    speed_range: Sequence[int],
+    pitch_range: Sequence[int],
+    binary: str = "espeak-ng",
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Refuse voices / variants espeak-ng lacks and speed / pitch ranges it cannot take; returns the two ranges."""
+    known_voices, known_variants = available_voices(binary)
+    missing = [v for v in voices if v not in known_voices] + [
+        f"+{v}" for v in variants if v and v not in known_variants
+    ]
+    if missing:
+        raise ValueError(
+            f"espeak-ng has no voice/variant {missing} (English voices: {', '.join(sorted(known_voices))}; "
+            "variants: espeak-ng --voices=variant)"
+        )
+    s_lo, s_hi = (int(v) for v in speed_range)
+    p_lo, p_hi = (int(v) for v in pitch_range)
+    if not (80 <= s_lo <= s_hi <= 450 and 0 <= p_lo <= p_hi <= 99):
+        raise ValueError(f"speed_range must lie in 80..450 and pitch_range in 0..99: {speed_range}, {pitch_range}")
+    return (s_lo, s_hi), (p_lo, p_hi)
+
+
+def write_spoken_split(
+    pool: ThreadPoolExecutor,
+    jobs: Sequence[tuple[str, str, dict[str, Any], dict[str, Any]]],
+    out: str | os.PathLike,
+    split: str,
+    *,
+    margin: float,
+    max_seconds: float,
+    binary: str,
+    **shard_options: Any,
+) -> dict[str, Any]:
+    """Synthesise ``(key, text, meta, fields)`` jobs on `pool` (``meta`` holds ``voice``, ``speed``, ``pitch`` and
+    whatever else the sample's ``json`` keeps) and write them as `split`: each sample gets ``flac``, its ``fields``
+    and ``json`` = meta + the audio info. Synthesis runs lazily in order, overlapping the writing."""
+
+    def synth(job: tuple[str, str, dict[str, Any], dict[str, Any]]) -> tuple[bytes, dict[str, Any]]:
+        text, meta = job[1], job[2]
+        return synthesize(
+            text,
+            meta["voice"],
+            speed=meta["speed"],
+            pitch=meta["pitch"],
+            margin=margin,
+            max_seconds=max_seconds,
+            binary=binary,
+        )
+
+    audio = pool.map(synth, jobs)
+    samples = (
+        {"__key__": key, "flac": flac, **fields, "json": {**meta, **info}}
+        for (key, _, meta, fields), (flac, info) in zip(jobs, audio)
+    )
+    return write_shards(samples, out, split, modality="audio", total=len(jobs), **shard_options)
+
+
 def _trim(x: np.ndarray, rate: int, margin: float) -> np.ndarray:
     """From the first to the last sample with ``|x| >= 1 %`` of the peak, plus `margin` seconds each side."""
     mag = np.abs(x)
@@ -240,19 +299,7 @@ def make_keywords(
         raise ValueError(f"words must be distinct non-empty strings: {words}")
     if len(clips_per_word) != 3 or any(int(c) < 0 for c in clips_per_word):
         raise ValueError(f"clips_per_word must be three non-negative counts (train, val, test): {clips_per_word}")
-    known_voices, known_variants = available_voices(binary)
-    missing = [v for v in voices if v not in known_voices] + [
-        f"+{v}" for v in variants if v and v not in known_variants
-    ]
-    if missing:
-        raise ValueError(
-            f"espeak-ng has no voice/variant {missing} (English voices: {', '.join(sorted(known_voices))}; "
-            "variants: espeak-ng --voices=variant)"
-        )
-    s_lo, s_hi = (int(v) for v in speed_range)
-    p_lo, p_hi = (int(v) for v in pitch_range)
-    if not (80 <= s_lo <= s_hi <= 450 and 0 <= p_lo <= p_hi <= 99):
-        raise ValueError(f"speed_range must lie in 80..450 and pitch_range in 0..99: {speed_range}, {pitch_range}")
+    (s_lo, s_hi), (p_lo, p_hi) = check_voice_options(voices, variants, speed_range, pitch_range, binary)
     splits = keyword_voice_splits(voices, variants, seed=seed, voice_fractions=voice_fractions)
     counts = dict(zip(SPLITS, (int(c) for c in clips_per_word)))
     description = {
@@ -294,34 +341,20 @@ def make_keywords(
             order = np.random.default_rng([seed, 1000 + s]).permutation(len(clips))
             clips = [clips[i] for i in order]
 
-            def synth(clip: tuple[str, int, dict[str, Any]]) -> tuple[bytes, dict[str, Any]]:
-                meta = clip[2]
-                return synthesize(
-                    meta["word"],
-                    meta["voice"],
-                    speed=meta["speed"],
-                    pitch=meta["pitch"],
-                    margin=margin,
-                    max_seconds=max_seconds,
-                    binary=binary,
-                )
-
-            audio = pool.map(synth, clips)  # lazy, in order: writing overlaps synthesis
-            samples = (
-                {"__key__": key, "flac": flac, "cls": w, "txt": meta["word"], "json": {**meta, **info}}
-                for (key, w, meta), (flac, info) in zip(clips, audio)
-            )
-            result = write_shards(
-                samples,
+            jobs = [(key, meta["word"], meta, {"cls": w, "txt": meta["word"]}) for key, w, meta in clips]
+            result = write_spoken_split(
+                pool,
+                jobs,
                 out,
                 split,
+                margin=margin,
+                max_seconds=max_seconds,
+                binary=binary,
                 max_count=max_count,
                 max_bytes=max_bytes,
-                modality="audio",
                 class_names=words,
                 command=command,
                 dataset=description,
-                total=len(clips),
                 progress=progress,
                 overwrite=True,  # make_dataset refused an existing dataset unless asked to replace it
             )

@@ -24,9 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from .keywords import ENGLISH_VOICES, VARIANTS, _voice_name, available_voices, keyword_voice_splits, synthesize
+from .keywords import (
+    ENGLISH_VOICES,
+    VARIANTS,
+    _voice_name,
+    check_voice_options,
+    keyword_voice_splits,
+    write_spoken_split,
+)
 from .registry import register_dataset
-from .shards import write_shards
 
 __all__ = ["TEMPLATES", "VOCABULARY", "make_sentences", "sentence"]
 
@@ -120,14 +126,7 @@ def make_sentences(
     over the split's voices), speed and pitch from ``np.random.default_rng([seed, s, j])``. Returns the index."""
     if len(clips) != 3 or any(int(c) < 0 for c in clips):
         raise ValueError(f"clips must be three non-negative counts (train, val, test): {clips}")
-    known_voices, known_variants = available_voices(binary)
-    missing = [v for v in voices if v not in known_voices] + [
-        f"+{v}" for v in variants if v and v not in known_variants
-    ]
-    if missing:
-        raise ValueError(f"espeak-ng has no voice/variant {missing}")
-    s_lo, s_hi = (int(v) for v in speed_range)
-    p_lo, p_hi = (int(v) for v in pitch_range)
+    (s_lo, s_hi), (p_lo, p_hi) = check_voice_options(voices, variants, speed_range, pitch_range, binary)
     splits = keyword_voice_splits(voices, variants, seed=seed, voice_fractions=voice_fractions)
     description = {
         "name": "sentences",
@@ -167,33 +166,18 @@ def make_sentences(
                 }
                 jobs.append((f"{split}-{j:05d}", meta))
 
-            def synth(job: tuple[str, dict[str, Any]]) -> tuple[bytes, dict[str, Any]]:
-                meta = job[1]
-                return synthesize(
-                    meta["text"],
-                    meta["voice"],
-                    speed=meta["speed"],
-                    pitch=meta["pitch"],
-                    margin=margin,
-                    max_seconds=max_seconds,
-                    binary=binary,
-                )
-
-            audio = pool.map(synth, jobs)  # lazy, in order: writing overlaps synthesis
-            samples = (
-                {"__key__": key, "flac": flac, "txt": meta["text"], "json": {**meta, **info}}
-                for (key, meta), (flac, info) in zip(jobs, audio)
-            )
-            result = write_shards(
-                samples,
+            result = write_spoken_split(
+                pool,
+                [(key, meta["text"], meta, {"txt": meta["text"]}) for key, meta in jobs],
                 out,
                 split,
+                margin=margin,
+                max_seconds=max_seconds,
+                binary=binary,
                 max_count=max_count,
                 max_bytes=max_bytes,
-                modality="audio",
                 command=command,
                 dataset=description,
-                total=len(jobs),
                 progress=progress,
                 overwrite=True,  # make_dataset refused an existing dataset unless asked to replace it
             )
