@@ -226,3 +226,24 @@ def test_splice_equals_llava_with_the_same_projector():
         theirs = llava(input_ids=expanded, pixel_values=pixels).logits
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_frozen_lm_trains_an_fp32_adapter():
+    """A large frozen LM is kept in bf16: the fp32 adapter's tokens are cast at the splice, the loss is computed in
+    fp32, the adapter's gradients are finite fp32, and the logits follow the fp32 model's within bf16 rounding."""
+    lm32 = _lm("llama")
+    lm16 = _lm("llama", dtype="bfloat16")
+    assert next(lm16.parameters()).dtype == torch.bfloat16
+    adapter = create_adapter("mlp", 16, lm16.config.hidden_size)
+    head16 = PrefixLMHead(lm16, adapter, markers=True)
+    head32 = PrefixLMHead(lm32, adapter, markers=True)
+    tokens = Tokens(torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(5)), modality="image")
+    ids = _ids()
+    out = head16(tokens, ids, labels=ids)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in adapter.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        ref = head32(tokens, ids).logits
+    torch.testing.assert_close(out.logits.float(), ref, atol=0.05, rtol=0.05)
