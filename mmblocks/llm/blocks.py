@@ -132,6 +132,7 @@ class LLMBlocks(nn.Module):
         self.supported_attn_implementations: list[str] | None = None
         self.aux_loss: torch.Tensor | float = 0.0
         self._router_logits: list[torch.Tensor] = []
+        self._collect_router_logits = False
         self._router_loss_args: tuple = ()
         self._always_eval: list[nn.Module] = []
         self._pos_cache: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -412,6 +413,11 @@ class LLMBlocks(nn.Module):
         per_type = self.layer_kwargs(b, n, mask, hidden.device, compute_dtype, tokens=tokens)
         keep = mask[..., None] if mask is not None else None
         aux: torch.Tensor | float = 0.0
+        # routers' logits are kept only while the block itself trains (a frozen router's balance is not ours to
+        # change); decided once per forward, not per router call
+        self._collect_router_logits = bool(self._router_loss_args) and (
+            self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.layers.parameters())
+        )
         for layer, layer_type in zip(self.layers, self.layer_types):
             kwargs = per_type[layer_type]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -449,8 +455,7 @@ class LLMBlocks(nn.Module):
         self._router_loss_args = (loss_fn, experts, top_k, float(coef))
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            # only while the block itself trains: a frozen router's balance is not ours to change
-            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.layers.parameters()):
+            if self._collect_router_logits:
                 self._router_logits.append(output[index] if isinstance(output, (tuple, list)) else output)
 
         found = 0

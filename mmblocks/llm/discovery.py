@@ -93,11 +93,10 @@ def causal_lm_encoder(config: PretrainedConfig) -> bool:
     return masked_lm and not getattr(config, "is_decoder", False) and not getattr(config, "is_encoder_decoder", False)
 
 
-def build_meta_model(config: PretrainedConfig, *, base: bool = False) -> nn.Module:
+def build_meta_model(config: PretrainedConfig) -> nn.Module:
     """The architecture of `config` with parameters on ``meta`` (buffers, e.g. rotary frequencies, are real).
 
-    The causal-LM class is preferred (its key layout is the checkpoint's); encoders (``is_decoder`` False) and
-    ``base=True`` build the base model.
+    The causal-LM class is preferred (its key layout is the checkpoint's); masked-LM encoders build the base model.
     """
     classes = _model_classes(config)
     if not classes:
@@ -105,7 +104,7 @@ def build_meta_model(config: PretrainedConfig, *, base: bool = False) -> nn.Modu
             f"transformers has no causal-LM or base model class for config {type(config).__name__} "
             f"(model_type {config.model_type!r})"
         )
-    if (base or causal_lm_encoder(config)) and len(classes) > 1:
+    if causal_lm_encoder(config) and len(classes) > 1:
         classes = classes[1:]
     cls = classes[0]
     wanted = getattr(cls, "config_class", None)
@@ -350,7 +349,6 @@ def discover(config: PretrainedConfig, model: nn.Module | None = None) -> Family
     extra = tuple(entry.layer_args) if entry is not None else ()
     attn = _attention_child(layer)
     mlp = _mlp_children(layer, attn)
-    roots = ((attn,) if attn else ()) + mlp
     if entry is not None and entry.positions:
         positions = entry.positions
     elif rotary is not None and "position_embeddings" in params:
@@ -372,7 +370,7 @@ def discover(config: PretrainedConfig, model: nn.Module | None = None) -> Family
         norm=_norm_kind(norm_module or next((m for m in layer.modules() if is_norm_module(m)), None)),
         attn=attn or "",
         mlp=mlp,
-        residual_out=_residual_outputs(layer, roots),
+        residual_out=residual_outputs(layer),
         sliding_all=getattr(config, "layer_types", None) is None
         and isinstance(getattr(config, "sliding_window", None), int),
         eps=_eps(norm_module, config),
@@ -383,7 +381,6 @@ def discover(config: PretrainedConfig, model: nn.Module | None = None) -> Family
         needs=tuple(_required_unsupplied(params, extra)),
         entry=entry.reason if entry is not None else None,
         layer_args=extra,
-        expand=entry.expand if entry is not None else None,
         mask=entry.mask if entry is not None else "additive",
     )
     return spec

@@ -48,7 +48,6 @@ class FamilySpec:
         needs: required layer arguments nobody supplies (the family cannot run until an entry supplies them).
         entry: the reason the family carries an entry (`None`: everything was discovered).
         layer_args: extra layer arguments an entry supplies.
-        expand: why `tune="expand"` is impossible for the family (`None`: checked at run time).
         mask: the eager mask format the layers take: ``additive`` (0 / -inf, `transformers`' own) or
             ``masked_bool`` (True where a key is masked out, MPT).
     """
@@ -72,7 +71,6 @@ class FamilySpec:
     needs: tuple[str, ...] = ()
     entry: str | None = None
     layer_args: tuple[str, ...] = ()
-    expand: str | None = None
     mask: str = "additive"
 
     @property
@@ -93,7 +91,6 @@ class FamilyEntry:
     positions: str | None = None
     layer_args: tuple[str, ...] = ()
     layers: str | None = None
-    expand: str | None = None
     mask: str = "additive"
 
 

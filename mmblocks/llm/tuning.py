@@ -221,8 +221,6 @@ def _identity_error(blocks: LLMBlocks, layer: nn.Module, layer_type: str) -> flo
 
 def _apply_expand(blocks: LLMBlocks, every: int) -> None:
     spec = blocks.spec
-    if spec.expand:
-        raise ValueError(f"tune='expand' is impossible for {spec.model_type}: {spec.expand}")
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"expand option `every` must be a positive int, got {every!r}")
     new_layers, new_indices, new_types, frozen = [], [], [], []
