@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["UnitRMSNorm", "is_norm_module"]
+__all__ = ["UnitRMSNorm", "is_norm_module", "open_norm_parameters"]
 
 
 class UnitRMSNorm(nn.Module):
@@ -25,6 +25,15 @@ class UnitRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
+
+
+def open_norm_parameters(*modules: nn.Module) -> None:
+    """Make the norm weights (and biases) below `modules` trainable: the FPT / ``tune="norm"`` setting."""
+    for root in modules:
+        for m in root.modules():
+            if is_norm_module(m):
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(True)
 
 
 def is_norm_module(module: nn.Module) -> bool:

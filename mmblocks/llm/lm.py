@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from ..layers.norms import is_norm_module
+from ..layers.norms import open_norm_parameters
 from .sources import SourceError, _load_gguf_model, resolve_source
 
 __all__ = ["LM_TUNE_MODES", "LMTuneMode", "load_lm", "load_tokenizer"]
@@ -89,10 +89,7 @@ def _apply_lm_tuning(model: PreTrainedModel, tune: str, **opts: Any) -> PreTrain
         for p in model.parameters():
             p.requires_grad_(True)
     elif tune == "norm":
-        for m in model.modules():
-            if is_norm_module(m):
-                for p in m.parameters(recurse=False):
-                    p.requires_grad_(True)
+        open_norm_parameters(model)
     elif tune == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.norms import is_norm_module
+from ..layers.norms import open_norm_parameters
 from .blocks import LLMBlocks, call_layer
 from .discovery import RESIDUAL_OUT_NAMES, residual_outputs
 
@@ -73,10 +73,7 @@ def apply_tuning(blocks: LLMBlocks, tune: str, **kwargs: Any) -> LLMBlocks:
     if tune in ("frozen", "random"):
         blocks._always_eval = list(blocks.layers) + [blocks.final_norm]
     elif tune == "norm":
-        for m in list(blocks.layers.modules()) + list(blocks.final_norm.modules()):
-            if is_norm_module(m):
-                for p in m.parameters(recurse=False):
-                    p.requires_grad_(True)
+        open_norm_parameters(blocks.layers, blocks.final_norm)
     elif tune == "full":
         for p in blocks.parameters():
             p.requires_grad_(True)
