@@ -68,11 +68,27 @@ def _test_line(test: dict) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .recipes import evaluate_checkpoint
+    from .recipes import default_eval_dir, evaluate_checkpoint
 
-    results = evaluate_checkpoint(args.config, args.checkpoint, args.overrides, splits=tuple(args.splits or ()))
+    out = args.out if args.out is not None else default_eval_dir(args.checkpoint)
+    results = evaluate_checkpoint(
+        args.config, args.checkpoint, args.overrides, splits=tuple(args.splits or ()), out_dir=out
+    )
     if _is_main_rank():
         print(json.dumps(results, indent=1))
+        if out is not None:
+            print(f"metrics and predictions: {out}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .recipes import generate_text
+
+    texts = generate_text(
+        args.config, args.checkpoint, args.input, args.prompt, args.overrides, max_new_tokens=args.max_new_tokens
+    )
+    for path, text in zip(args.input, texts):
+        print(f"{path}\t{text}" if len(args.input) > 1 else text)
     return 0
 
 
@@ -224,7 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="key.path=value overrides")
     ev.add_argument("--checkpoint", required=True, help="a step-* checkpoint folder or a checkpoints folder")
     ev.add_argument("--splits", nargs="*", help="splits to evaluate (default: val and test)")
+    ev.add_argument(
+        "--out", help="folder for metrics.json, predictions_<split>.jsonl and eval.md (default: <run>/eval/<step>)"
+    )
     ev.set_defaults(func=_cmd_eval)
+
+    ge = sub.add_parser("generate", help="the text a trained prefix-LM model writes for image / audio / video files")
+    ge.add_argument("config", help="the config the checkpoint was trained with")
+    ge.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    ge.add_argument("--checkpoint", required=True, help="a step-* folder, a checkpoints or run folder")
+    ge.add_argument("--input", required=True, action="append", help="an image / audio / video file (repeatable)")
+    ge.add_argument("--prompt", help="the question (qa tasks) or the instruction (default: the training prompt)")
+    ge.add_argument("--max-new-tokens", type=int, help="generation budget (default: the task's)")
+    ge.set_defaults(func=_cmd_generate)
 
     sh = sub.add_parser("shards", help="write WebDataset shards")
     ssub = sh.add_subparsers(dest="shards_command", required=True)

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .builders import build_encoder, build_task, config_errors
 from .config import Config, ConfigError, dump_config, load_config
@@ -27,15 +30,17 @@ from .errors import MissingShardsError
 from .models import BACKBONES, resolve_backbone
 from .tasks import Task
 from .train import Callback, DistInfo, Trainer, TrainSettings, evaluate, init_distributed, seed_everything
-from .train.checkpoint import load_trainable_weights
+from .train.checkpoint import checkpoint_info, load_trainable_weights, weights_file
 from .train.distributed import barrier
 from .train.trainer import amp_dtype
 
 __all__ = [
     "build_loaders",
     "build_trainer",
+    "default_eval_dir",
     "ensure_dataset",
     "evaluate_checkpoint",
+    "generate_text",
     "loader_options",
     "make_loader",
     "prepare",
@@ -185,27 +190,116 @@ def train(
     return build_trainer(config, overrides, resume=resume, overwrite=overwrite).fit()
 
 
+def default_eval_dir(checkpoint: str | os.PathLike) -> Path | None:
+    """``<run>/eval/<step-*>`` for a checkpoint inside a run folder (``<run>/checkpoints/step-*``); else None."""
+    path = weights_file(checkpoint)
+    if path.parent.parent.name == "checkpoints":
+        return path.parent.parent.parent / "eval" / path.parent.name
+    return None
+
+
 def evaluate_checkpoint(
     config: ConfigLike,
     checkpoint: str | os.PathLike,
     overrides: Sequence[str] = (),
     splits: Sequence[str] = (),
+    out_dir: str | os.PathLike | None = None,
 ) -> dict[str, dict[str, float]]:
     """``mmblocks eval CONFIG --checkpoint CKPT``: the encoder of `config` with the trained weights of `checkpoint`
-    (a ``step-*`` folder, a checkpoints folder (its latest) or a ``model.safetensors``), evaluated on `splits`
-    (default: the config's val and test splits); ``{split: metrics}``. Only the weights are read."""
+    (a ``step-*`` folder, a checkpoints or run folder (its latest) or a ``model.safetensors``), evaluated on `splits`
+    (default: the config's val and test splits); ``{split: metrics}``. Only the weights are read. With `out_dir`,
+    ``metrics.json``, the task's files (``predictions_{split}.jsonl``) and ``eval.md`` (its report sections, e.g.
+    sample predictions next to their references) are written there."""
     cfg, dist, task = prepare(config, overrides)
     model = build_encoder(cfg, task=task, verbose=False).to(dist.device)
     load_trainable_weights(model, checkpoint)
     d = cfg["data"]
     names = tuple(splits) or tuple(s for s in (d["val_split"], d["test_split"]) if s)
-    results = {}
+    results, sections = {}, []
     for split in names:
         loader = make_loader(cfg, split, train=False, task=task, dist_info=dist)
         try:
-            results[split], _ = evaluate(
+            results[split], metrics = evaluate(
                 model, task, loader, device=dist.device, autocast_dtype=amp_dtype(cfg["train"]["amp"], dist.device)
             )
         finally:
             loader.close()
+        if out_dir is not None and dist.is_main:
+            sections += metrics.report(Path(out_dir), split)
+    if out_dir is not None and dist.is_main:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
+        text = [f"# Evaluation of {weights_file(checkpoint)}\n"] + [f"## {t}\n\n{body}" for t, body in sections]
+        (out / "eval.md").write_text("\n".join(text))
     return results
+
+
+def _input_codec(cfg: Config, path: Path) -> Any:
+    """The evaluation codec of the config's modality (default: the one whose shard keys hold `path`'s suffix)."""
+    from .data import MODALITY_KEYS, create_codec
+    from .data.schema import IMAGE_KEYS
+
+    ext = path.suffix.lower().lstrip(".")
+    d = cfg["data"]
+    modality = d["modality"]
+    if modality is None:
+        by_ext = {"image": IMAGE_KEYS, **MODALITY_KEYS}
+        modality = next((m for m, keys in by_ext.items() if ext in keys), None)
+        if modality is None:
+            known = sorted({k for keys in by_ext.values() for k in keys})
+            raise ConfigError(f"{path}: cannot tell the modality of a .{ext} file (known: {known}); set data.modality")
+    with config_errors("data"):
+        options = {k: v for k, v in loader_options(d).items() if k != "modality"}
+        return create_codec(modality, **{**options, "train": False, "augment": False}), ext
+
+
+def generate_text(
+    config: ConfigLike,
+    checkpoint: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    prompt: str | None = None,
+    overrides: Sequence[str] = (),
+    max_new_tokens: int | None = None,
+) -> list[str]:
+    """``mmblocks generate CONFIG --checkpoint CKPT --input FILE``: the text a trained prefix-LM model writes for each
+    input file (an image, an audio clip, a video), decoded as the evaluation loader decodes that modality.
+
+    The prompt is the one the model was trained with (the checkpoint's, which must match the config's); `prompt`
+    replaces it: for a ``qa`` task it is the question, otherwise the whole instruction (the placeholder is put in
+    front when it lacks one).
+    """
+    cfg = copy.deepcopy(load_config(config, overrides))
+    seed_everything(cfg["train"]["seed"])
+    task = build_task(cfg)
+    if task is None or not hasattr(task, "generate"):
+        raise ConfigError(f"task {cfg['task']['name']!r} does not generate text; generate needs a prefix_lm task")
+    model = build_encoder(cfg, task=task, verbose=False).eval()
+    load_trainable_weights(model, checkpoint)
+    path = weights_file(checkpoint)
+    if path.parent.joinpath("state.json").is_file():
+        with config_errors("task"):
+            task.check_checkpoint_state(checkpoint_info(path.parent)["extra"].get("task") or {})
+    if max_new_tokens is not None:
+        task.max_new_tokens = int(max_new_tokens)
+    text = task.prompt
+    if prompt is not None:
+        placeholder = task.format.placeholder
+        if task.target == "qa":
+            text = task.prompt.format(question=prompt)
+        else:
+            text = prompt if placeholder is None or placeholder in prompt else f"{placeholder}\n{prompt}"
+    elif task.target == "qa":
+        raise ConfigError("this model answers questions: give one with --prompt")
+    out = []
+    for item in inputs:
+        file = Path(item)
+        if not file.is_file():
+            raise ConfigError(f"--input: file not found: {file}")
+        codec, ext = _input_codec(cfg, file)
+        raw = codec.collate([codec.decode(file.read_bytes(), ext, file.stem)])
+        x, mask, extra = codec.finish(raw)
+        with torch.no_grad():
+            tokens = model.forward_features(x, mask, **extra)
+            out.append(task.generate(model, tokens, [text])[0])
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from tiny_configs import LIBRARY_TINY, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
+from mmblocks.data import make_dataset
 from mmblocks.llm import get_family
 from mmblocks.llm import tiny_config as library_tiny_config
 
@@ -58,3 +60,32 @@ def hidden_states(model: PreTrainedModel, seq_len: int = 12, batch: int = 2, see
     if last is None:
         last = out.hidden_states[-1]
     return out.hidden_states, last
+
+
+#: Small versions of the offline datasets (the same makers, fewer samples) for recipes trained a few steps in tests.
+SMALL_DATASETS: dict[str, dict] = {
+    "meshes": {"samples_per_class": (4, 2, 2)},
+    "keywords": {"clips_per_word": (3, 1, 1), "words": ("yes", "no", "up", "down")},
+    "moving-digits": {"clips_per_class": (3, 1, 1)},
+    "sentences": {"clips": (8, 2, 2)},
+    "shapes": {"scenes": (8, 2, 2)},
+    "moving-digit-captions": {"clips_per_class": (1, 1, 1)},
+}
+SPOKEN = ("keywords", "sentences")
+
+
+@pytest.fixture(scope="session")
+def small_datasets(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`small_datasets(name)` -> the folder of a small `name` dataset (`SMALL_DATASETS`), made once per session;
+    the spoken ones skip where espeak-ng is missing."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            if name in SPOKEN and shutil.which("espeak-ng") is None:
+                pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+            made[name] = tmp_path_factory.mktemp(name)
+            make_dataset(name, made[name], seed=0, progress=False, **SMALL_DATASETS[name])
+        return made[name]
+
+    return get

@@ -54,3 +54,19 @@ def write_tiny(
 
 def all_keys(loader) -> list[str]:
     return [k for batch in loader for k in batch.key]
+
+
+def short_run(root: Path | str, out: Path | str, steps: int = 2, batch_size: int = 4) -> list[str]:
+    """Config overrides that train a recipe `steps` steps on the shards in `root` into `out`, quietly."""
+    return [
+        f"data.root={root}",
+        f"train.out_dir={out}",
+        "train.epochs=1",
+        f"train.max_steps={steps}",
+        "train.warmup_steps=1",
+        f"data.batch_size={batch_size}",
+        "data.num_workers=0",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.log_every=1",
+    ]

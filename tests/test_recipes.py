@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
+from data_helpers import short_run
 from safetensors.torch import load_file
 
 from mmblocks.config import load_config
-from mmblocks.data import make_dataset
 from mmblocks.recipes import build_trainer
 from mmblocks.train import latest_checkpoint
 
@@ -24,26 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(
     str(p.relative_to(REPO)) for d in ("points", "audio", "video") for p in (REPO / "configs" / d).glob("*.yaml")
 )
-SMALL = {
-    "meshes": {"samples_per_class": (4, 2, 2)},
-    "keywords": {"clips_per_word": (3, 1, 1), "words": ("yes", "no", "up", "down")},
-    "moving-digits": {"clips_per_class": (3, 1, 1)},
-}
-
-
-@pytest.fixture(scope="session")
-def small_datasets(tmp_path_factory):
-    made: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in made:
-            if name == "keywords" and shutil.which("espeak-ng") is None:
-                pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
-            made[name] = tmp_path_factory.mktemp(name)
-            make_dataset(name, made[name], seed=0, progress=False, **SMALL[name])
-        return made[name]
-
-    return get
 
 
 def test_recipes_exist_for_every_modality_with_three_arms():
@@ -65,18 +44,7 @@ def test_recipe_trains_from_shards(recipe, small_datasets, tmp_path):
     root = small_datasets(cfg["data"]["dataset"])
     trainer = build_trainer(
         REPO / recipe,
-        [
-            f"data.root={root}",
-            f"train.out_dir={tmp_path / 'run'}",
-            "train.epochs=1",
-            "train.max_steps=2",
-            "train.warmup_steps=1",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "train.progress=false",
-            "train.tensorboard=false",
-            "train.log_every=1",
-        ],
+        short_run(root, tmp_path / "run"),
     )
     try:
         summary = trainer.fit()

@@ -39,6 +39,7 @@ def _backbone_builder_args(entry: str) -> tuple[str, ...]:
 
 def _heads():
     from ..heads import HEADS
+    from ..tasks import TASKS  # noqa: F401 (the tasks register the heads they build, e.g. prefix_lm)
 
     return HEADS
 

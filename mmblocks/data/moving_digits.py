@@ -27,6 +27,7 @@ Classes are balanced (`clips_per_class` per split). Deterministic given `seed` (
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +45,7 @@ __all__ = [
     "draw_motion",
     "make_moving_digit_captions",
     "make_moving_digits",
+    "parse_caption",
     "render_clip",
 ]
 
@@ -70,6 +72,26 @@ HELD_OUT_MOTIONS: frozenset[tuple[int, int]] = frozenset((d, d % 8) for d in ran
 def caption(digit: int, direction: int) -> str:
     """ "the digit 3 moves up and to the left"."""
     return f"the digit {digit} moves {DIRECTION_PHRASES[direction]}"
+
+
+_CAPTION = re.compile(r"\bdigit\s+(\d)\b(?:\s+moves\s+(.*))?")
+
+
+def parse_caption(text: str) -> tuple[int | None, int | None]:
+    """``(digit, direction index)`` read from a generated caption (`caption`'s wording; case, punctuation and extra
+    words after the phrase are ignored); None for what cannot be read. The phrase must be one of
+    `DIRECTION_PHRASES` exactly: "up and to the left" is NW, a bare "up" is N."""
+    words = " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+    found = _CAPTION.search(words)
+    if found is None:
+        return None, None
+    digit, rest = int(found.group(1)), (found.group(2) or "")
+    direction = None
+    for i, phrase in sorted(enumerate(DIRECTION_PHRASES), key=lambda p: -len(p[1])):  # longest phrase first
+        if rest == phrase or rest.startswith(phrase + " "):
+            direction = i
+            break
+    return digit, direction
 
 
 def _velocity(direction: int, speed: float) -> tuple[float, float]:

@@ -3,12 +3,13 @@
 from .classification import POOLING, ClassifierHead, Pooling
 from .ctc import CharVocab, CTCHead, CTCOutput
 from .prefix_lm import IGNORE_INDEX, PrefixLMHead, PrefixLMOutput, SplicedBatch
-from .prompt import PromptFormat
+from .prompt import PLACEHOLDER_ID, PromptFormat
 from .registry import HEADS, create_head, list_heads, register_head
 
 __all__ = [
     "HEADS",
     "IGNORE_INDEX",
+    "PLACEHOLDER_ID",
     "POOLING",
     "CharVocab",
     "ClassifierHead",

@@ -87,6 +87,14 @@ class PrefixLMHead(nn.Module):
         else:
             self.begin = self.end = None
 
+    def train(self, mode: bool = True) -> PrefixLMHead:
+        """`nn.Module.train`, except that a LM with nothing to train stays in eval mode (no dropout in a frozen LM,
+        which then behaves as at generation)."""
+        super().train(mode)
+        if not any(p.requires_grad for p in self.lm.parameters()):
+            self.lm.eval()
+        return self
+
     # ------------------------------------------------------------------ splice
     def _modality(self, tokens: Tokens | torch.Tensor | None, batch: int) -> list[torch.Tensor | None]:
         if tokens is None:
@@ -124,7 +132,10 @@ class PrefixLMHead(nn.Module):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         batch = input_ids.shape[0]
         keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        text = self.lm.get_input_embeddings()(input_ids)
+        ids_to_embed = input_ids
+        if self.placeholder_id is not None:  # the placeholder may be no vocabulary id (LLaVA's -200): never embedded
+            ids_to_embed = input_ids.masked_fill(input_ids == self.placeholder_id, 0)
+        text = self.lm.get_input_embeddings()(ids_to_embed)
         modality = self._modality(tokens, batch)
         seqs, labs, spans = [], [], []
         for b in range(batch):

@@ -17,7 +17,11 @@ import torch
 
 from .prefix_lm import IGNORE_INDEX
 
-__all__ = ["PromptFormat"]
+__all__ = ["PLACEHOLDER_ID", "PromptFormat"]
+
+#: The id that stands for the modality tokens in ``input_ids`` (LLaVA's ``IMAGE_TOKEN_INDEX``): negative, so it is
+#: never a real token and needs no new embedding row; `PrefixLMHead` replaces it before anything is embedded.
+PLACEHOLDER_ID = -200
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,9 @@ class PromptFormat:
     system: a system message (chat template only), or None.
     chat_template: use the tokenizer's chat template when it has one.
     placeholder: the text that stands for the modality tokens inside the prompt (LLaVA's ``<image>``), or None
-        when the modality tokens are a prefix before the text.
+        when the modality tokens are a prefix before the text. The rendered prompt is tokenized in the pieces
+        around it, joined by `PLACEHOLDER_ID` (the text itself never reaches the tokenizer, so it need not be a
+        token of the vocabulary).
     """
 
     system: str | None = None
@@ -50,18 +56,35 @@ class PromptFormat:
         messages = [{"role": "system", "content": self.system}] if self.system else []
         return messages + [{"role": "user", "content": prompt}]
 
+    def _render(self, tokenizer: Any, prompt: str, answer: str | None = None) -> str:
+        """The prompt (plus the generation prompt), or the whole exchange with `answer`, as text."""
+        if self.uses_template(tokenizer):
+            messages = self._messages(prompt)
+            if answer is None:
+                return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            messages = messages + [{"role": "assistant", "content": answer}]
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+        return prompt
+
     def prompt_ids(self, tokenizer: Any, prompt: str) -> list[int]:
-        """The ids the model reads before it answers (the generation prompt included)."""
+        """The ids the model reads before it answers (the generation prompt included); the placeholder is
+        `PLACEHOLDER_ID`."""
         if self.placeholder is not None and prompt.count(self.placeholder) != 1:
             raise ValueError(f"the prompt must hold the placeholder {self.placeholder!r} exactly once: {prompt!r}")
-        if self.uses_template(tokenizer):
-            return list(_ids(tokenizer.apply_chat_template(self._messages(prompt), add_generation_prompt=True)))
-        return list(tokenizer(prompt).input_ids)
+        if self.placeholder is None:
+            if self.uses_template(tokenizer):
+                return list(_ids(tokenizer.apply_chat_template(self._messages(prompt), add_generation_prompt=True)))
+            return list(tokenizer(prompt).input_ids)
+        before, after = self._render(tokenizer, prompt).split(self.placeholder)
+        # a rendered template carries its special tokens as text; a plain prompt gets the tokenizer's own (BOS)
+        special = not self.uses_template(tokenizer)
+        head = list(tokenizer(before, add_special_tokens=special).input_ids) if before or special else []
+        return head + [PLACEHOLDER_ID] + list(tokenizer(after, add_special_tokens=False).input_ids)
 
     def encode(self, tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
         """``(input_ids, labels)`` of one sample: labels are -100 on the prompt and the answer's ids after it."""
         head = self.prompt_ids(tokenizer, prompt)
-        if self.uses_template(tokenizer):
+        if self.uses_template(tokenizer) and self.placeholder is None:
             messages = self._messages(prompt) + [{"role": "assistant", "content": answer}]
             full = list(_ids(tokenizer.apply_chat_template(messages)))
             if full[: len(head)] != head:
@@ -70,6 +93,15 @@ class PromptFormat:
                     "(the prompt is not a prefix of prompt + answer); use chat_template=False"
                 )
             tail = full[len(head) :]
+        elif self.uses_template(tokenizer):
+            # tokenized apart from the prompt, as at generation, where the answer's ids follow the prompt's
+            rendered, full = self._render(tokenizer, prompt), self._render(tokenizer, prompt, answer)
+            if not full.startswith(rendered):
+                raise ValueError(
+                    "the tokenizer's chat template does not render the answer after the generation prompt it gives "
+                    "(the prompt is not a prefix of prompt + answer); use chat_template=False"
+                )
+            tail = list(tokenizer(full[len(rendered) :], add_special_tokens=False).input_ids)
         else:
             eos = tokenizer.eos_token_id
             tail = list(tokenizer(answer, add_special_tokens=False).input_ids) + ([eos] if eos is not None else [])

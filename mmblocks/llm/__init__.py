@@ -5,7 +5,7 @@ from ..layers.norms import UnitRMSNorm
 from .blocks import FINAL_NORMS, ROPE_MODES, FinalNorm, LLMBlocks, RopeMode
 from .discovery import discover, get_family, list_families, tiny_config
 from .families import ENTRIES, FamilyEntry, FamilySpec, UnknownFamilyError
-from .lm import LM_TUNE_MODES, load_lm, load_tokenizer
+from .lm import LM_TUNE_MODES, lm_layers, load_lm, load_tokenizer, set_lm_checkpointing
 from .load import DTYPES, load_blocks, resolve_layers
 from .sources import (
     MissingDependencyError,
@@ -53,6 +53,7 @@ __all__ = [
     "get_family",
     "list_families",
     "list_offline_models",
+    "lm_layers",
     "load_blocks",
     "load_lm",
     "load_tokenizer",
@@ -60,5 +61,6 @@ __all__ = [
     "lora_target_parameters",
     "resolve_layers",
     "resolve_source",
+    "set_lm_checkpointing",
     "tiny_config",
 ]

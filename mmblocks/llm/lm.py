@@ -7,16 +7,20 @@ decode with its own `generate`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Any, Literal, get_args
 
 import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..layers.norms import open_norm_parameters
+from .discovery import discover
 from .sources import SourceError, _load_gguf_model, resolve_source
 
-__all__ = ["LM_TUNE_MODES", "LMTuneMode", "load_lm", "load_tokenizer"]
+__all__ = ["LM_TUNE_MODES", "LMTuneMode", "lm_layers", "load_lm", "load_tokenizer", "set_lm_checkpointing"]
 
 LMTuneMode = Literal["frozen", "norm", "lora", "full"]
 LM_TUNE_MODES: tuple[str, ...] = get_args(LMTuneMode)
@@ -125,3 +129,33 @@ def load_tokenizer(source: str | os.PathLike):
         return AutoTokenizer.from_pretrained(str(resolved.path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise SourceError(f"{resolved.path} has no tokenizer files ({err})") from err
+
+
+def lm_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM (peft-wrapped or not), found as `load_blocks` finds them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    spec = discover(base.config, base)
+    return (
+        base.get_submodule(spec.decoder).get_submodule(spec.layers) if spec.decoder else base.get_submodule(spec.layers)
+    )
+
+
+def _checkpointed_forward(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def set_lm_checkpointing(model: nn.Module, enable: bool = True) -> int:
+    """Recompute each decoder layer of `model` in backward (non-reentrant `torch.utils.checkpoint`) whenever
+    gradients are on, in train *or eval* mode: `transformers`' own ``gradient_checkpointing_enable`` acts only in
+    train mode, while a frozen LM runs in eval mode and would keep every layer's activations for the gradients
+    that flow through it to the adapter. Returns the number of layers switched."""
+    layers = lm_layers(model)
+    for layer in layers:
+        wrapped = layer.__dict__.get("forward")
+        if enable and wrapped is None:
+            layer.forward = functools.partial(_checkpointed_forward, layer.forward)
+        elif not enable and wrapped is not None:
+            del layer.forward
+    return len(layers)

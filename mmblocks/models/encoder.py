@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,8 +11,9 @@ from torch.utils.checkpoint import checkpoint
 
 from tokenizers_mm import Tokens
 
+from ..heads import PrefixLMHead
 from ..layers.masks import padding_bias
-from ..llm import LLMBlocks
+from ..llm import LLMBlocks, set_lm_checkpointing
 from ..params import parameter_table
 from .base import Backbone, check_backbone
 
@@ -100,10 +102,13 @@ class MMEncoder(nn.Module):
             yield name, self.llm_stage if name == "llm" else self.backbone.blocks[int(name.split(".")[1])]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute backbone blocks in backward (non-reentrant); the LLM blocks have their own switch."""
+        """Recompute backbone blocks in backward (non-reentrant); the LLM blocks have their own switch, and a
+        prefix-LM head's LM layers theirs (`mmblocks.llm.set_lm_checkpointing`, in eval mode too)."""
         self.grad_checkpointing = enable
         if self.llm_stage is not None:
             self.llm_stage.blocks.set_gradient_checkpointing(enable)
+        if isinstance(self.head, PrefixLMHead):
+            set_lm_checkpointing(self.head.lm, enable)
 
     def _run(
         self, name: str, module: nn.Module, tokens: Tokens, pos: torch.Tensor | None, attn_mask: torch.Tensor | None
@@ -166,15 +171,24 @@ class MMEncoder(nn.Module):
         return self.head(tokens)
 
     def forward(
-        self, inputs: torch.Tensor, mask: torch.Tensor | None = None, return_aux: bool = False, **extra: torch.Tensor
-    ) -> torch.Tensor | Tokens | tuple[torch.Tensor | Tokens, torch.Tensor | float]:
+        self,
+        inputs: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        return_aux: bool = False,
+        head_inputs: Mapping[str, Any] | None = None,
+        **extra: torch.Tensor,
+    ) -> Any:
         """Raw input -> head output (logits), or the final `Tokens` when there is no head.
 
-        ``return_aux=True`` returns ``(output, aux_loss)``: the auxiliary loss of this forward (the LLM stage's
-        Control LLM divergence with ``tune="interpolate"``; 0.0 otherwise), which a `mmblocks.tasks.Task` adds to its
-        loss. It goes through ``forward`` so that DDP and ``torch.compile`` wrappers pass it on."""
+        ``head_inputs``: keyword arguments of the head besides the tokens (a prefix-LM head's ``input_ids``,
+        ``attention_mask``, ``labels``). ``return_aux=True`` returns ``(output, aux_loss)``: the auxiliary loss of
+        this forward (the LLM stage's Control LLM divergence with ``tune="interpolate"``, a MoE router's balance loss;
+        0.0 otherwise), which a `mmblocks.tasks.Task` adds to its loss. Both go through ``forward`` so that DDP and
+        ``torch.compile`` wrappers pass them on."""
         tokens = self.forward_features(inputs, mask, **extra)
-        out = self.head(tokens) if self.head is not None else tokens
+        if head_inputs and self.head is None:
+            raise ValueError(f"head_inputs {sorted(head_inputs)} given to an encoder without a head")
+        out = self.head(tokens, **(head_inputs or {})) if self.head is not None else tokens
         if return_aux:
             return out, self.llm_stage.blocks.aux_loss if self.llm_stage is not None else 0.0
         return out

@@ -3,6 +3,7 @@
 from .base import Metrics, StepOutput, Task
 from .classification import ClassificationMetrics, ClassificationTask
 from .ctc import CTCMetrics, CTCTask
+from .prefix_lm import PREFIX_LM_METRICS, PrefixLMMetrics, PrefixLMTask, prefix_lm_head, take_tokens
 from .registry import TASKS, create_task, list_tasks, register_task
 
 __all__ = [
@@ -12,9 +13,14 @@ __all__ = [
     "CTCMetrics",
     "CTCTask",
     "Metrics",
+    "PREFIX_LM_METRICS",
+    "PrefixLMMetrics",
+    "PrefixLMTask",
     "StepOutput",
     "Task",
     "create_task",
     "list_tasks",
+    "prefix_lm_head",
     "register_task",
+    "take_tokens",
 ]

@@ -13,7 +13,7 @@ reports (Control LLM's divergence; 0 otherwise) passed explicitly to the task's 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,7 +24,7 @@ from torch import nn
 
 from ..heads import create_head
 
-__all__ = ["Metrics", "StepOutput", "Task", "all_reduce_sum_"]
+__all__ = ["Metrics", "StepOutput", "Task", "all_gather_rows", "all_reduce_sum_"]
 
 
 @dataclass
@@ -44,6 +44,16 @@ def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
         return
     for t in tensors:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def all_gather_rows(rows: list[Any]) -> list[Any]:
+    """Every rank's `rows` (JSON-like per-sample records: predictions next to references), concatenated in rank
+    order; `rows` itself when torch.distributed is not running with several ranks."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return rows
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
 
 
 class Metrics:
@@ -103,6 +113,14 @@ class Task:
         """Accumulate the metrics of one evaluation batch (the trainer runs it under ``torch.no_grad``)."""
         args, kwargs = self.model_inputs(batch)
         metrics.update(model(*args, **kwargs), batch)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """JSON facts of the task saved in every checkpoint (``extra["task"]``) that inference must reproduce (a
+        prefix-LM's prompt format); empty by default."""
+        return {}
+
+    def check_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint whose `checkpoint_state` this task cannot reproduce (nothing to check by default)."""
 
     def better(self, value: float, best: float | None) -> bool:
         """Whether `value` of the monitored metric improves on `best` (ties count as better: the later step wins)."""

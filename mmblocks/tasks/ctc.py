@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..eval import cer, normalize_text, wer
 from ..heads import CharVocab
 from ..heads.ctc import ctc_loss, greedy_decode
-from .base import Metrics, StepOutput, Task
+from .base import Metrics, StepOutput, Task, all_gather_rows, all_reduce_sum_
 from .registry import register_task
 
 __all__ = ["CTCMetrics", "CTCTask"]
@@ -42,11 +41,8 @@ class CTCMetrics(Metrics):
         self.rows += [{"key": k, "reference": r, "prediction": h} for k, r, h in zip(batch.key, refs, hyps)]
 
     def sync(self) -> None:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self.rows)
-            self.rows = [row for part in gathered for row in part]
-            dist.all_reduce(self.totals, op=dist.ReduceOp.SUM)
+        self.rows = all_gather_rows(self.rows)
+        all_reduce_sum_([self.totals])
 
     def compute(self) -> dict[str, float]:
         loss, n = self.totals.tolist()

@@ -462,6 +462,7 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
 
 
 def _resolve(path: Path) -> Path:
+    path = _run_or_pointer(path)
     if (path / STATE_FILE).is_file():
         return path
     if path.is_dir():
@@ -600,10 +601,19 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
+def _run_or_pointer(path: Path) -> Path:
+    """A run folder -> its ``checkpoints`` folder; a ``latest`` pointer file -> the checkpoints folder holding it."""
+    if path.is_file() and path.name == LATEST_FILE:
+        return path.parent
+    if path.is_dir() and not (path / STATE_FILE).is_file() and (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    return path
+
+
 def weights_file(path: str | os.PathLike) -> Path:
     """The ``model.safetensors`` of a checkpoint: `path` itself (a file), a folder holding one (a ``step-*``
-    folder), or the latest checkpoint of a checkpoints folder."""
-    path = Path(path).expanduser()
+    folder), or the latest checkpoint of a checkpoints folder, of a run folder or of a ``latest`` pointer."""
+    path = _run_or_pointer(Path(path).expanduser())
     if path.is_file():
         return path
     if (path / MODEL_FILE).is_file():

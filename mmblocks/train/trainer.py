@@ -267,6 +267,7 @@ class Trainer:
                     "config_name": self.name,
                     "data_signature": self.data_signature(),
                     "ledger": self.ledger.entries,
+                    "task": self.task.checkpoint_state(),
                 },
                 keep=self.settings.keep_checkpoints,
             )
