@@ -77,7 +77,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if _is_main_rank():
         print(json.dumps(results, indent=1))
         if out is not None:
-            print(f"metrics and predictions: {out}")
+            print(f"metrics and predictions: {out}", file=sys.stderr)
     return 0
 
 

@@ -5,11 +5,17 @@ gradient checkpointing, and end to end (config -> trainer -> generations, checkp
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
 from data_helpers import short_run
+from safetensors.torch import load_file
 from tiny_configs import tiny_config
 
 from mmblocks.cli import main as cli_main
@@ -267,3 +273,46 @@ def test_load_lm_bf16_is_usable_by_the_head():
     assert next(head.adapter.parameters()).dtype == torch.float32
     out = head(Tokens(torch.randn(1, 3, 16)), torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]]))
     assert torch.isfinite(out.loss)
+
+
+def _torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*cmd, "-m", "mmblocks", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def _train_losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r.get("split") == "train" and "loss" in r}
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_cpu_processes_equals_ddp_and_resumes_exactly(shapes, tmp_path):
+    """FSDP2 (gloo) shards the LM's layers and the model: the same losses, gradient norms and weights as DDP on the
+    same two ranks; a run resumed from its step-2 checkpoint repeats steps 3-4 exactly."""
+    runs = {}
+    for mode in ("true", "false"):
+        run = tmp_path / f"fsdp-{mode}"
+        args = [*_overrides(shapes, run), "train.max_steps=4", "train.checkpoint_every=2", "data.val_split=null"]
+        proc = _torchrun(["train", "configs/vlm/shapes_smollm2.yaml", *args, f"train.fsdp={mode}"], 29541)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mode] = (run, args)
+    (fsdp, args), (ddp, _) = runs["true"], runs["false"]
+    assert json.loads((fsdp / "summary.json").read_text())["world_size"] == 2
+    losses = _train_losses(fsdp)
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert losses == pytest.approx(_train_losses(ddp), abs=1e-5)
+    a = load_file(latest_checkpoint(fsdp / "checkpoints") / "model.safetensors")
+    b = load_file(latest_checkpoint(ddp / "checkpoints") / "model.safetensors")
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert not any(".lm." in k and "lora" not in k for k in a), "the frozen LM is never saved"
+    # resume from step 2 (the later checkpoint removed): steps 3 and 4 again, the same
+    again = tmp_path / "again"
+    shutil.copytree(fsdp, again, ignore=shutil.ignore_patterns("step-00000004", "latest", "summary.json"))
+    kept = [r for r in (again / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= 2]
+    (again / "metrics.jsonl").write_text("\n".join(kept) + "\n")  # steps 3-4 must be trained again to appear
+    args = [a if not a.startswith("train.out_dir=") else f"train.out_dir={again}" for a in args]
+    proc = _torchrun(["train", "configs/vlm/shapes_smollm2.yaml", *args, "train.fsdp=true", "--resume"], 29542)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step-00000002" in proc.stdout
+    assert _train_losses(again) == pytest.approx(losses, abs=1e-6)

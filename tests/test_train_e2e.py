@@ -143,6 +143,9 @@ def test_eval_cli_reads_the_checkpoint(tmp_path, digits_root, capsys):
     assert results["test"]["samples"] == 270 and 0.0 <= results["test"]["acc"] <= 1.0
     final = json.loads((run / "summary.json").read_text())["test"]
     assert results["test"]["acc"] == pytest.approx(final["acc"]), "the checkpoint reproduces the run's own test"
+    written = run / "eval" / latest_checkpoint(run / "checkpoints").name  # the default --out: beside the run
+    assert json.loads((written / "metrics.json").read_text()) == results
+    assert (written / "confusion_test.json").is_file() and "Confusion" in (written / "eval.md").read_text()
     step = latest_checkpoint(run / "checkpoints")
     for name in ("optimizer.pt", "scheduler.pt", "rng.pt", "state.json"):
         (step / name).unlink()  # evaluation reads the weights only

@@ -56,6 +56,12 @@ class TrainSettings:
     amp: AmpMode = field(default="auto", metadata=_doc("autocast dtype (auto: bf16 on CUDA, none on CPU)"))
     compile: bool = field(default=False, metadata=_doc("torch.compile the model"))
     grad_checkpointing: bool = field(default=False, metadata=_doc("recompute blocks in backward to save memory"))
+    fsdp: bool = field(
+        default=False,
+        metadata=_doc(
+            "under torchrun: shard the model with FSDP2 (each LM / LLM-block layer a unit) instead of DDP (CUDA or CPU)"
+        ),
+    )
     checkpoint_every: int = field(default=500, metadata=_doc("optimizer steps between checkpoints"))
     keep_checkpoints: int = field(default=3, metadata=_doc("checkpoints kept (older ones are deleted)"))
     log_every: int = field(default=20, metadata=_doc("optimizer steps between metric records"))

@@ -32,12 +32,22 @@ from ..errors import DataError, MMBlocksError
 from ..tasks.base import Metrics, Task
 from .callbacks import Callback, FunctionCallback, default_callbacks
 from .checkpoint import (
+    CheckpointError,
     checkpoint_info,
     load_checkpoint,
     save_checkpoint,
     trainable_state_dict,
 )
 from .distributed import DistInfo, all_reduce_min, barrier, init_distributed
+from .fsdp import (
+    apply_fsdp,
+    fsdp_full_optimizer_state,
+    fsdp_full_trainable_state,
+    fsdp_load_optimizer_state,
+    fsdp_load_trainable_state,
+    fsdp_trainable_names,
+    fsdp_unsharded,
+)
 from .ledger import DataLedger
 from .logging import MetricsLogger, StepTimer
 from .report import REPORT_DIR, write_report
@@ -175,6 +185,9 @@ class Trainer:
             if enable is None:
                 raise ValueError(f"grad_checkpointing needs a model with set_grad_checkpointing(), not {type(model)}")
             enable(True)
+        self.fsdp = bool(s.fsdp and self.dist.distributed)
+        if self.fsdp:  # before the optimizer: the parameters become sharded DTensors
+            apply_fsdp(self.model, self.device)
         self.amp_dtype = amp_dtype(s.amp, self.device)
         self.train_loader = train_loader
         self.eval_loaders = {k: v for k, v in (("val", val_loader), ("test", test_loader)) if v is not None}
@@ -198,7 +211,7 @@ class Trainer:
         self.ddp_model: nn.Module = self.model
         if s.compile:
             self.ddp_model = torch.compile(self.ddp_model)
-        if self.dist.distributed:
+        if self.dist.distributed and not self.fsdp:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.ddp_model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
@@ -250,12 +263,18 @@ class Trainer:
 
     def save(self) -> Path | None:
         path = None
+        if self.fsdp:  # gathered to full tensors on rank 0; every rank takes part
+            model_state = fsdp_full_trainable_state(self.model)
+            optimizer: Any = fsdp_full_optimizer_state(self.model, self.optimizer)
+        else:
+            model_state = trainable_state_dict(self.model) if self.dist.is_main else {}
+            optimizer = self.optimizer
         if self.dist.is_main:
             path = save_checkpoint(
                 self.ckpt_dir,
                 self.step,
-                model_state=trainable_state_dict(self.model),
-                optimizer=self.optimizer,
+                model_state=model_state,
+                optimizer=optimizer,
                 scheduler=self.scheduler,
                 data_state={
                     "epoch": self.epoch,
@@ -279,9 +298,16 @@ class Trainer:
         the differing keys), the weights (which must fit this model exactly), then the optimizer, scheduler, RNG and
         data position."""
         self._check_signature(path, checkpoint_info(path)["extra"].get("data_signature"))
-        state = load_checkpoint(
-            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, map_location=self.device
-        )
+        if self.fsdp:
+            state = load_checkpoint(path, scheduler=self.scheduler, optimizer=_FSDPOptimizer(self), map_location="cpu")
+            missing = sorted(set(fsdp_trainable_names(self.model)) - set(state["model_state"]))
+            if missing:
+                raise CheckpointError(f"{path} lacks trainable tensors of this model: {missing[:5]}")
+            fsdp_load_trainable_state(self.model, state["model_state"])
+        else:
+            state = load_checkpoint(
+                path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, map_location=self.device
+            )
         self.step = state["step"]
         self.epoch = state["data_state"]["epoch"]
         self.batch_in_epoch = state["data_state"]["batch_in_epoch"]
@@ -307,9 +333,10 @@ class Trainer:
         """The task's metrics on the ``val`` or ``test`` loader, every sample counted exactly once across ranks."""
         if split not in self.eval_loaders:
             raise ValueError(f"this trainer has no {split!r} loader (it has {sorted(self.eval_loaders)})")
-        results, metrics = evaluate(
-            self.model, self.task, self.eval_loaders[split], device=self.device, autocast_dtype=self.amp_dtype
-        )
+        with fsdp_unsharded(self.model) if self.fsdp else nullcontext():
+            results, metrics = evaluate(
+                self.model, self.task, self.eval_loaders[split], device=self.device, autocast_dtype=self.amp_dtype
+            )
         self.last_metrics[split] = metrics
         return results
 
@@ -324,7 +351,11 @@ class Trainer:
     def _micro_step(self, batch: Any, sync: bool) -> tuple[dict[str, torch.Tensor], int]:
         """Forward + backward of one micro-batch (on the device); returns the task's detached metrics (no host sync)
         and the number of samples."""
-        ctx = self.ddp_model.no_sync() if (self.dist.distributed and not sync) else nullcontext()
+        if self.fsdp:  # FSDP2 skips its reduce-scatter instead of DDP's no_sync
+            self.model.set_requires_gradient_sync(sync)
+            ctx: Any = nullcontext()
+        else:
+            ctx = self.ddp_model.no_sync() if (self.dist.distributed and not sync) else nullcontext()
         with ctx:
             with _autocast(self.device, self.amp_dtype):
                 out = self.task.training_step(self.ddp_model, batch)
@@ -336,6 +367,8 @@ class Trainer:
         grad_norm: torch.Tensor | float = float("nan")
         if clip:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor norm over the shards
+                grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -549,3 +582,14 @@ class Trainer:
             "data": self.ledger.summary(),
             "throughput": timer.summary(),
         }
+
+
+class _FSDPOptimizer:
+    """`load_checkpoint` hands the stored (full, name-keyed) optimizer state to ``load_state_dict``; this puts it
+    into the sharded optimizer."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        fsdp_load_optimizer_state(self.trainer.model, self.trainer.optimizer, state)
