@@ -11,6 +11,7 @@ from .checkpoint import (
     trainable_state_dict,
 )
 from .distributed import DistInfo, init_distributed
+from .fsdp import apply_fsdp, fsdp_units, fsdp_unsharded
 from .ledger import DataLedger
 from .logging import MetricsLogger, StepTimer, read_metrics
 from .report import compare_runs_table, write_report
@@ -31,11 +32,14 @@ __all__ = [
     "StepTimer",
     "TrainSettings",
     "Trainer",
+    "apply_fsdp",
     "build_scheduler",
     "checkpoint_info",
     "compare_runs_table",
     "default_callbacks",
     "evaluate",
+    "fsdp_units",
+    "fsdp_unsharded",
     "init_distributed",
     "latest_checkpoint",
     "load_checkpoint",
