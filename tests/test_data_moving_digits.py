@@ -12,7 +12,15 @@ import pytest
 import webdataset as wds
 
 from mmblocks.data import DIRECTIONS, digits_splits, make_dataset, make_moving_digits, read_index
-from mmblocks.data.moving_digits import _background, digit_trajectory, draw_motion, render_clip
+from mmblocks.data.moving_digits import (
+    DIRECTION_PHRASES,
+    _background,
+    caption,
+    digit_trajectory,
+    draw_motion,
+    parse_caption,
+    render_clip,
+)
 
 SPLITS = ("train", "val", "test")
 SMALL = dict(clips_per_class=(4, 2, 2), max_count=20, progress=False)
@@ -161,3 +169,14 @@ def test_caption_variant_keeps_held_out_motions_out_of_training(tmp_path):
     assert not set(seen["train"]) & HELD_OUT_MOTIONS
     assert set(seen["test"]) & HELD_OUT_MOTIONS
     assert caption(3, 3) == "the digit 3 moves up and to the left"
+
+
+def test_parse_caption_reads_back_every_caption_and_refuses_what_it_cannot_read():
+    for digit in range(10):
+        for direction in range(len(DIRECTION_PHRASES)):
+            assert parse_caption(caption(digit, direction)) == (digit, direction)
+            assert parse_caption(caption(digit, direction).upper() + ".") == (digit, direction)
+    assert parse_caption("the digit 3 moves up and to the left, quickly") == (3, 3)  # not "up"
+    assert parse_caption("The digit 7 moves sideways") == (7, None)
+    assert parse_caption("a seven moves up") == (None, None)
+    assert parse_caption("") == (None, None)
