@@ -58,6 +58,12 @@ def test_placeholder_prompt_is_the_rendered_prompt_with_one_placeholder_id(token
         assert tail == tokenizer("red", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
+def test_generation_stops_at_the_templates_end_of_turn(tokenizer):
+    task = create_task("prefix_lm", tokenizer="smollm2-135m")
+    task.set_tokenizer(tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in task.stop_ids(task.prompt)
+
+
 def test_prompt_without_its_placeholder_is_refused(tokenizer):
     with pytest.raises(ValueError, match="exactly once"):
         PromptFormat(placeholder="<image>").prompt_ids(tokenizer, "no image here")

@@ -316,10 +316,21 @@ class PrefixLMTask(Task):
             "max_new_tokens": self.max_new_tokens,
             "do_sample": False,
             "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.stop_ids(prompts[0]),
             **generate_kwargs,
         }
         ids = model.head.generate(tokens, text["input_ids"], text["attention_mask"], **options)
         return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def stop_ids(self, prompt: str) -> list[int]:
+        """The ids that end an answer: the tokenizer's end-of-sequence and the special tokens the format puts after
+        an answer (a chat template's end of turn, e.g. ``<|im_end|>``), whatever the LM's generation config says."""
+        _, labels = self.format.encode(self.tokenizer, prompt, "x")
+        special = set(self.tokenizer.all_special_ids)
+        ids = {i for i in labels if i in special}
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
 
     def evaluate_step(self, model: Callable[..., Any], batch: Any, metrics: Metrics) -> None:
         if not isinstance(metrics, PrefixLMMetrics):
