@@ -37,6 +37,7 @@ from .train.trainer import amp_dtype
 __all__ = [
     "build_loaders",
     "build_trainer",
+    "check_task_state",
     "default_eval_dir",
     "ensure_dataset",
     "evaluate_checkpoint",
@@ -190,6 +191,15 @@ def train(
     return build_trainer(config, overrides, resume=resume, overwrite=overwrite).fit()
 
 
+def check_task_state(task: Task, checkpoint: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose task state (a prefix-LM's prompt format) the config's task does not reproduce; a bare
+    ``model.safetensors`` carries none and passes."""
+    path = weights_file(checkpoint)
+    if path.parent.joinpath("state.json").is_file():
+        with config_errors("task"):
+            task.check_checkpoint_state(checkpoint_info(path.parent)["extra"].get("task") or {})
+
+
 def default_eval_dir(checkpoint: str | os.PathLike) -> Path | None:
     """``<run>/eval/<step-*>`` for a checkpoint inside a run folder (``<run>/checkpoints/step-*``); else None."""
     path = weights_file(checkpoint)
@@ -213,6 +223,7 @@ def evaluate_checkpoint(
     cfg, dist, task = prepare(config, overrides)
     model = build_encoder(cfg, task=task, verbose=False).to(dist.device)
     load_trainable_weights(model, checkpoint)
+    check_task_state(task, checkpoint)
     d = cfg["data"]
     names = tuple(splits) or tuple(s for s in (d["val_split"], d["test_split"]) if s)
     results, sections = {}, []
@@ -276,10 +287,7 @@ def generate_text(
         raise ConfigError(f"task {cfg['task']['name']!r} does not generate text; generate needs a prefix_lm task")
     model = build_encoder(cfg, task=task, verbose=False).eval()
     load_trainable_weights(model, checkpoint)
-    path = weights_file(checkpoint)
-    if path.parent.joinpath("state.json").is_file():
-        with config_errors("task"):
-            task.check_checkpoint_state(checkpoint_info(path.parent)["extra"].get("task") or {})
+    check_task_state(task, checkpoint)
     if max_new_tokens is not None:
         task.max_new_tokens = int(max_new_tokens)
     text = task.prompt

@@ -64,6 +64,21 @@ def test_generation_stops_at_the_templates_end_of_turn(tokenizer):
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in task.stop_ids(task.prompt)
 
 
+def test_monitor_must_be_a_reported_metric():
+    with pytest.raises(ValueError, match="not reported"):
+        create_task("prefix_lm", metrics=["bleu"], monitor="bleu")
+    with pytest.raises(ValueError, match="eval_loss is off"):
+        create_task("prefix_lm", eval_loss=False)
+    with pytest.raises(ValueError, match="captions"):
+        create_task("prefix_lm", target="qa", prompt="<input> {question}", metrics=["motion"])
+    task = create_task("prefix_lm", metrics=["exact_match", "motion"], monitor="exact_match_colour", eval_loss=False)
+    assert task.monitor == ("exact_match_colour", "max")
+    assert create_task("prefix_lm", metrics=["wer"], monitor="wer").monitor == ("wer", "min")
+    no_loss = task.new_metrics(torch.device("cpu"))
+    no_loss.add(torch.zeros(()), [{"key": "a", "prompt": "p", "reference": "x", "prediction": "x"}])
+    assert no_loss.compute()["loss"] != no_loss.compute()["loss"]  # NaN, never a fake 0
+
+
 def test_prompt_without_its_placeholder_is_refused(tokenizer):
     with pytest.raises(ValueError, match="exactly once"):
         PromptFormat(placeholder="<image>").prompt_ids(tokenizer, "no image here")
@@ -231,6 +246,8 @@ def test_vlm_task_trains_evaluates_generates_and_keeps_its_prompt(shapes, tmp_pa
     # another prompt than the training one is refused
     assert generate("task.prompt=<image> {question}") == 2
     assert "trained with" in capsys.readouterr().err
+    changed = [*overrides, "task.prompt=<image> {question}", "--checkpoint", str(run), "--out", str(tmp_path / "x")]
+    assert cli_main(["eval", "configs/vlm/shapes_smollm2.yaml", *changed]) == 2, "eval checks the prompt too"
 
 
 def test_qa_training_draws_one_question_per_sample_from_the_seeded_rng(shapes):
@@ -287,9 +304,9 @@ def _torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:
     return subprocess.run([*cmd, "-m", "mmblocks", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
-def _train_losses(run: Path) -> dict[int, float]:
+def _train_losses(run: Path, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r.get("split") == "train" and "loss" in r}
+    return {r["step"]: r[key] for r in rows if r.get("split") == "train" and key in r}
 
 
 @pytest.mark.slow
@@ -308,6 +325,7 @@ def test_fsdp2_on_two_cpu_processes_equals_ddp_and_resumes_exactly(shapes, tmp_p
     losses = _train_losses(fsdp)
     assert sorted(losses) == [1, 2, 3, 4]
     assert losses == pytest.approx(_train_losses(ddp), abs=1e-5)
+    assert _train_losses(fsdp, "grad_norm") == pytest.approx(_train_losses(ddp, "grad_norm"), abs=1e-5)
     a = load_file(latest_checkpoint(fsdp / "checkpoints") / "model.safetensors")
     b = load_file(latest_checkpoint(ddp / "checkpoints") / "model.safetensors")
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -75,7 +75,13 @@ class PromptFormat:
             if self.uses_template(tokenizer):
                 return list(_ids(tokenizer.apply_chat_template(self._messages(prompt), add_generation_prompt=True)))
             return list(tokenizer(prompt).input_ids)
-        before, after = self._render(tokenizer, prompt).split(self.placeholder)
+        rendered = self._render(tokenizer, prompt)
+        if rendered.count(self.placeholder) != 1:
+            raise ValueError(
+                f"the rendered prompt holds the placeholder {self.placeholder!r} {rendered.count(self.placeholder)} "
+                "times (the system message or the chat template contains it too): choose another placeholder"
+            )
+        before, after = rendered.split(self.placeholder)
         # a rendered template carries its special tokens as text; a plain prompt gets the tokenizer's own (BOS)
         special = not self.uses_template(tokenizer)
         head = list(tokenizer(before, add_special_tokens=special).input_ids) if before or special else []

@@ -32,8 +32,16 @@ from .registry import register_task
 
 __all__ = ["PREFIX_LM_METRICS", "PrefixLMMetrics", "PrefixLMTask", "prefix_lm_head", "take_tokens"]
 
-#: Metrics of the generated text a config may ask for.
-PREFIX_LM_METRICS = ("exact_match", "wer", "cer", "bleu", "cider", "motion")
+#: Metrics of the generated text a config may ask for, and the numbers each one reports (``exact_match`` also per
+#: question type: ``exact_match_count``, ...).
+PREFIX_LM_METRICS: dict[str, tuple[str, ...]] = {
+    "exact_match": ("exact_match",),
+    "wer": ("wer",),
+    "cer": ("cer",),
+    "bleu": ("bleu1", "bleu4"),
+    "cider": ("cider",),
+    "motion": tuple(f"{k}_acc{s}" for s in ("", "_held_out") for k in ("digit", "direction", "motion")),
+}
 _LOWER_IS_BETTER = ("loss", "wer", "cer")
 
 
@@ -92,8 +100,8 @@ class PrefixLMMetrics(Metrics):
     parsed from moving-digit captions, and the same on the held-out (digit, direction) pairs). `report` writes
     ``predictions_{split}.jsonl`` and a table of sample predictions next to their references."""
 
-    def __init__(self, metrics: Sequence[str], device: torch.device, examples: int = 8):
-        self.metrics, self.examples = tuple(metrics), examples
+    def __init__(self, metrics: Sequence[str], device: torch.device, examples: int = 8, with_loss: bool = True):
+        self.metrics, self.examples, self.with_loss = tuple(metrics), examples, with_loss
         self.rows: list[dict[str, Any]] = []
         self.totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, answers
 
@@ -111,7 +119,7 @@ class PrefixLMMetrics(Metrics):
 
     def compute(self) -> dict[str, float]:
         loss, n = self.totals.tolist()
-        out: dict[str, float] = {"loss": loss / n if n else float("nan"), "samples": int(n)}
+        out: dict[str, float] = {"loss": loss / n if n and self.with_loss else float("nan"), "samples": int(n)}
         if not self.rows:
             return out
         refs = [normalize_text(r["reference"]) for r in self.rows]
@@ -214,6 +222,14 @@ class PrefixLMTask(Task):
             raise ValueError(f"unknown metric(s) {unknown}; choose from {list(PREFIX_LM_METRICS)}")
         if target == "qa" and "{question}" not in prompt:
             raise ValueError(f"a qa prompt must hold '{{question}}' where each question goes, got {prompt!r}")
+        if target == "qa" and "motion" in metrics:
+            raise ValueError("the motion metric reads captions (target 'txt'), not question answers")
+        reported = {"loss"} if eval_loss else set()
+        reported |= {k for m in metrics for k in PREFIX_LM_METRICS[m]}
+        per_type = monitor.startswith("exact_match_") and "exact_match" in metrics
+        if monitor not in reported and not per_type:
+            why = " (eval_loss is off)" if monitor == "loss" else ""
+            raise ValueError(f"monitor {monitor!r} is not reported{why}; the metrics give {sorted(reported)}")
         self.target = target
         self.fields = ("json",) if target == "qa" else ("txt",) + (("json",) if "motion" in metrics else ())
         self.prompt = prompt
@@ -230,7 +246,12 @@ class PrefixLMTask(Task):
 
     # ------------------------------------------------------------------ head and text side
     def build_head(self, in_dim: int, name: str | None = None, **kwargs: Any) -> PrefixLMHead:
-        if self.format.placeholder is not None and kwargs.get("placeholder_id") is None:
+        if self.format.placeholder is not None:
+            if kwargs.get("placeholder_id") not in (None, PLACEHOLDER_ID):
+                raise ValueError(
+                    f"model.head.placeholder_id={kwargs['placeholder_id']} but the task's prompt placeholder is "
+                    f"tokenized as {PLACEHOLDER_ID}: leave placeholder_id null"
+                )
             kwargs["placeholder_id"] = PLACEHOLDER_ID
         head = super().build_head(in_dim, name, **kwargs)
         source = self.tokenizer_source or kwargs.get("lm", "smollm2-135m")
@@ -247,6 +268,8 @@ class PrefixLMTask(Task):
                     "(task.tokenizer) or an LM with its vocabulary (config_overrides vocab_size)"
                 )
         if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token is None:
+                raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token: set one of them")
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
 
@@ -307,7 +330,7 @@ class PrefixLMTask(Task):
 
     # ------------------------------------------------------------------ evaluation
     def new_metrics(self, device: torch.device) -> PrefixLMMetrics:
-        return PrefixLMMetrics(self.metrics, device, self.examples)
+        return PrefixLMMetrics(self.metrics, device, self.examples, with_loss=self.eval_loss)
 
     def generate(self, model: Any, tokens: Tokens, prompts: list[str], **generate_kwargs: Any) -> list[str]:
         """Greedy answers of `model.head` (a `PrefixLMHead`) to `prompts` about the encoded `tokens` (one each)."""
@@ -316,9 +339,11 @@ class PrefixLMTask(Task):
             "max_new_tokens": self.max_new_tokens,
             "do_sample": False,
             "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.stop_ids(prompts[0]),
             **generate_kwargs,
         }
+        stop = self.stop_ids(prompts[0])
+        if stop:  # else the LM's generation config decides
+            options.setdefault("eos_token_id", stop)
         ids = model.head.generate(tokens, text["input_ids"], text["attention_mask"], **options)
         return [s.strip() for s in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 

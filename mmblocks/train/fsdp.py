@@ -85,13 +85,20 @@ def fsdp_trainable_names(model: nn.Module) -> list[str]:
 
 
 def fsdp_full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters and persistent buffers as full CPU tensors on rank 0 (an empty dict elsewhere).
-    Collective: every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    """The trainable parameters and persistent buffers as full CPU tensors on rank 0 (an empty dict elsewhere); only
+    these are gathered, never the frozen LM. Collective: every rank must call it, in the same order."""
+    import torch.distributed as dist
 
-    keep = set(fsdp_trainable_names(model))
-    state = get_model_state_dict(model, options=_full_options(cpu_offload=True))
-    return {k: v for k, v in state.items() if k in keep}
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    out = {}
+    for name in fsdp_trainable_names(model):
+        t = tensors[name].detach()
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t  # a sharded DTensor: all-gathered
+        if main:
+            out[name] = t.cpu()
+    return out
 
 
 def fsdp_load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -121,13 +128,17 @@ def fsdp_unsharded(model: nn.Module) -> Iterator[None]:
     `generate`, which do not go through the root's forward); resharded after."""
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
+    # the inner units reshard after forward (fully_shard's default); the root does not, and keeps that setting
+    inner = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    for unit in inner:
         unit.set_reshard_after_forward(False, recurse=False)
+    units = [*inner, model] if isinstance(model, FSDPModule) else inner
+    for unit in units:
         unit.unshard()
     try:
         yield
     finally:
         for unit in units:
             unit.reshard()
+        for unit in inner:
             unit.set_reshard_after_forward(True, recurse=False)

@@ -17,6 +17,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
@@ -186,6 +187,10 @@ class Trainer:
                 raise ValueError(f"grad_checkpointing needs a model with set_grad_checkpointing(), not {type(model)}")
             enable(True)
         self.fsdp = bool(s.fsdp and self.dist.distributed)
+        if s.fsdp and not self.fsdp:
+            warnings.warn(
+                "train.fsdp needs several processes (torchrun); this single process trains unsharded", stacklevel=2
+            )
         if self.fsdp:  # before the optimizer: the parameters become sharded DTensors
             apply_fsdp(self.model, self.device)
         self.amp_dtype = amp_dtype(s.amp, self.device)
@@ -254,6 +259,7 @@ class Trainer:
             **(sign() if sign is not None else {}),
             "accum_steps": self.settings.accum_steps,
             "steps_per_epoch": self.steps_per_epoch,
+            **({"fsdp": True} if self.fsdp else {}),  # its optimizer state is keyed by name: resumed under FSDP only
         }
 
     # ------------------------------------------------------------------ checkpoints
