@@ -56,18 +56,21 @@ def test_answers_and_caption_follow_the_shapes(shapes):
         for qa in meta["qa"]:
             q, a = qa["question"], qa["answer"]
             if qa["type"] == "count":
-                assert a == NUMBERS[len(objects)]
+                assert a == NUMBERS[len(objects)] and qa["held_out"] is False
             elif qa["type"] == "colour":
                 shape = q.removeprefix("what colour is the ").removesuffix("?")
                 match = [o for o in objects if o["shape"] == shape]
                 assert len(match) == 1 and match[0]["colour"] == a
+                assert qa["held_out"] == ((a, shape) in HELD_OUT)
             elif qa["type"] == "side":
                 colour, shape = q.removeprefix("is the ").split(" on the")[0].split()
                 o = next(o for o in objects if (o["colour"], o["shape"]) == (colour, shape))
                 assert a == ("left" if o["x"] < 32 else "right") and abs(o["x"] - 32) >= 8
+                assert qa["held_out"] == ((colour, shape) in HELD_OUT)
             else:
                 colour, shape = q.removeprefix("is there a ").removesuffix("?").split()
                 assert a == ("yes" if (colour, shape) in pairs else "no")
+                assert qa["held_out"] == ((colour, shape) in HELD_OUT)
                 answers[a] += 1
     assert 0.35 < answers["yes"] / sum(answers.values()) < 0.65
 

@@ -94,9 +94,9 @@ def test_prompt_without_its_placeholder_is_refused(tokenizer):
 def test_metrics_equal_the_eval_functions_per_question_type_and_parse_captions():
     m = PrefixLMMetrics(["exact_match", "bleu", "cider", "motion", "wer"], torch.device("cpu"))
     rows = [
-        {"key": "a", "prompt": "p", "reference": "Red", "prediction": "red.", "type": "colour"},
-        {"key": "b", "prompt": "p", "reference": "two", "prediction": "three", "type": "count"},
-        {"key": "c", "prompt": "p", "reference": "blue", "prediction": "blue", "type": "colour"},
+        {"key": "a", "prompt": "p", "reference": "Red", "prediction": "red.", "type": "colour", "held_out": False},
+        {"key": "b", "prompt": "p", "reference": "two", "prediction": "three", "type": "count", "held_out": False},
+        {"key": "c", "prompt": "p", "reference": "blue", "prediction": "pink", "type": "colour", "held_out": True},
     ]
     caps = [
         {
@@ -122,8 +122,10 @@ def test_metrics_equal_the_eval_functions_per_question_type_and_parse_captions()
     out = m.compute()
     refs = [normalize_text(r["reference"]) for r in rows + caps]
     hyps = [normalize_text(r["prediction"]) for r in rows + caps]
-    assert out["exact_match"] == pytest.approx(exact_match(refs, hyps)) == pytest.approx(3 / 5)
-    assert out["exact_match_colour"] == 1.0 and out["exact_match_count"] == 0.0
+    assert out["exact_match"] == pytest.approx(exact_match(refs, hyps)) == pytest.approx(2 / 5)
+    assert out["exact_match_colour"] == 0.5 and out["exact_match_count"] == 0.0
+    assert out["exact_match_held_out"] == 0.0 and out["exact_match_colour_held_out"] == 0.0
+    assert "exact_match_count_held_out" not in out
     assert out["bleu4"] == pytest.approx(bleu([[r] for r in refs], hyps)[3])
     assert out["cider"] == pytest.approx(cider([[r] for r in refs], hyps))
     assert out["digit_acc"] == 1.0 and out["direction_acc"] == 0.5 and out["motion_acc"] == 0.5

@@ -10,7 +10,7 @@ in training, never together), not memorisation.
 
 Each sample: ``png``, ``txt`` (the caption: the shapes from left to right, "a red circle, a blue square and a green
 triangle"), ``json`` ``{"shapes": [{"colour", "shape", "x", "y", "size"}] (centres, px), "caption", "qa": [{"type",
-"question", "answer"}], "held_out": [pairs present], "seed"}``. Question types:
+"question", "answer", "held_out"}], "held_out": [pairs present], "seed"}``. Question types:
 
 * ``count``: "how many shapes are there?" -> "one" .. "four";
 * ``colour``: "what colour is the square?" (asked only when the scene has one square) -> the colour;
@@ -107,19 +107,25 @@ def describe_scene(objects: Sequence[dict[str, Any]]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def scene_questions(objects: Sequence[dict[str, Any]], size: int, rng: np.random.Generator) -> list[dict[str, str]]:
-    """The question / answer pairs of a scene (see the module docstring for the types and when each is asked)."""
-    qa = [{"type": "count", "question": "how many shapes are there?", "answer": NUMBERS[len(objects)]}]
+def scene_questions(objects: Sequence[dict[str, Any]], size: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """The question / answer pairs of a scene (see the module docstring for the types and when each is asked);
+    ``held_out`` says whether the question is about a held-out (colour, shape) pair (the colour of the one
+    triangle that is red, the side of the blue circle, whether there is a yellow square; never a count)."""
+    qa = [
+        {"type": "count", "question": "how many shapes are there?", "answer": NUMBERS[len(objects)], "held_out": False}
+    ]
     kinds = [o["shape"] for o in objects]
     unique = [o for o in objects if kinds.count(o["shape"]) == 1]
     if unique:
         o = unique[int(rng.integers(len(unique)))]
-        qa.append({"type": "colour", "question": f"what colour is the {o['shape']}?", "answer": o["colour"]})
+        question = f"what colour is the {o['shape']}?"
+        qa.append({"type": "colour", "question": question, "answer": o["colour"], "held_out": _held(o)})
     sided = [o for o in objects if abs(o["x"] - size / 2) >= size / 8]
     if sided:
         o = sided[int(rng.integers(len(sided)))]
         question = f"is the {o['colour']} {o['shape']} on the left or the right?"
-        qa.append({"type": "side", "question": question, "answer": "left" if o["x"] < size / 2 else "right"})
+        answer = "left" if o["x"] < size / 2 else "right"
+        qa.append({"type": "side", "question": question, "answer": answer, "held_out": _held(o)})
     present = {(o["colour"], o["shape"]) for o in objects}
     if rng.random() < 0.5:
         colour, shape = sorted(present)[int(rng.integers(len(present)))]
@@ -128,8 +134,13 @@ def scene_questions(objects: Sequence[dict[str, Any]], size: int, rng: np.random
         absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
         colour, shape = absent[int(rng.integers(len(absent)))]
         answer = "no"
-    qa.append({"type": "exists", "question": f"is there a {colour} {shape}?", "answer": answer})
+    held = (colour, shape) in HELD_OUT
+    qa.append({"type": "exists", "question": f"is there a {colour} {shape}?", "answer": answer, "held_out": held})
     return qa
+
+
+def _held(obj: dict[str, Any]) -> bool:
+    return (obj["colour"], obj["shape"]) in HELD_OUT
 
 
 @register_dataset("shapes")

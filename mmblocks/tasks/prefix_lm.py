@@ -95,7 +95,8 @@ def take_tokens(tokens: Tokens, index: torch.Tensor) -> Tokens:
 class PrefixLMMetrics(Metrics):
     """The generated answers of a split next to their references (gathered across ranks at `sync`) and the summed
     teacher-forced loss. `compute` gives ``loss``, ``samples`` (answers scored) and the asked metrics: ``exact_match``
-    (overall and ``exact_match_{type}`` per question type), corpus ``wer`` / ``cer``, ``bleu4`` (and BLEU-1) and
+    (overall, ``exact_match_{type}`` per question type, and ``..._held_out`` on the questions about a held-out
+    combination when the rows say so), corpus ``wer`` / ``cer``, ``bleu4`` (and BLEU-1) and
     ``cider`` (on normalised, whitespace-tokenised text), ``motion`` (``digit_acc``, ``direction_acc``, ``motion_acc``
     parsed from moving-digit captions, and the same on the held-out (digit, direction) pairs). `report` writes
     ``predictions_{split}.jsonl`` and a table of sample predictions next to their references."""
@@ -130,8 +131,14 @@ class PrefixLMMetrics(Metrics):
             for i, r in enumerate(self.rows):
                 if r.get("type"):
                     by_type[r["type"]].append(i)
+            held = [i for i, r in enumerate(self.rows) if r.get("held_out")]
+            if held:  # questions about a combination never seen in training
+                out["exact_match_held_out"] = exact_match([refs[i] for i in held], [hyps[i] for i in held])
             for kind, idx in sorted(by_type.items()):
                 out[f"exact_match_{kind}"] = exact_match([refs[i] for i in idx], [hyps[i] for i in idx])
+                idx = [i for i in idx if self.rows[i].get("held_out")]
+                if idx:
+                    out[f"exact_match_{kind}_held_out"] = exact_match([refs[i] for i in idx], [hyps[i] for i in idx])
         if "wer" in self.metrics:
             out["wer"] = wer(refs, hyps)
         if "cer" in self.metrics:
@@ -311,7 +318,7 @@ class PrefixLMTask(Task):
                 index.append(i)
                 prompts.append(self.prompt.format(question=qa["question"]))
                 answers.append(qa["answer"])
-                info.append({"type": qa.get("type")})
+                info.append({"type": qa.get("type"), **({"held_out": qa["held_out"]} if "held_out" in qa else {})})
         return index, prompts, answers, info
 
     def _text(self, prompts: list[str], answers: list[str] | None, device: torch.device) -> dict[str, torch.Tensor]:
