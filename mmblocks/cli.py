@@ -5,7 +5,7 @@ mmblocks eval CONFIG --checkpoint CKPT [key=value ...]
 mmblocks shards write --modality image|points|audio|video --from-folder DIR | --from-manifest FILE --out OUT [--split S]
 mmblocks shards make digits|textures|meshes|keywords|moving-digits --out DIR [--seed S] [--set KEY=VALUE ...]
 mmblocks demo [--quick]
-mmblocks blocks families | show SOURCE [--layers ...]
+mmblocks blocks families | show SOURCE [--layers ...] [--no-controls]
 mmblocks reference [--write README.md]
 """
 
@@ -17,6 +17,7 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
@@ -189,16 +190,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
         layers = _parse_layers(args.layers)
     except ValueError as err:
         raise ConfigError(f"--layers {args.layers!r}: expected '-1', '3,5' or '10:14' ({err})") from None
+    wiring = {
+        "attention": args.attention,
+        "rope": args.rope,
+        "final_norm": args.final_norm,
+        "attn_implementation": args.attn_implementation,
+    }
     try:
-        blocks = load_blocks(
-            args.source,
-            layers,
-            attention=args.attention,
-            rope=args.rope,
-            final_norm=args.final_norm,
-            tune=args.tune,
-            attn_implementation=args.attn_implementation,
-        )
+        blocks = load_blocks(args.source, layers, tune=args.tune, **wiring)
     except (ValueError, IndexError) as err:  # a layer out of range, a backend the family lacks, ...
         if isinstance(err, USER_ERRORS):
             raise
@@ -208,7 +207,23 @@ def _cmd_show(args: argparse.Namespace) -> int:
     with torch.no_grad():
         y = blocks(torch.randn(1, 8, blocks.hidden_size))
     print(f"forward [1, 8, {blocks.hidden_size}] -> {list(y.shape)}, finite={bool(torch.isfinite(y).all())}")
+    if args.controls:
+        _print_control_updates(args.source, layers, wiring)
     return 0
+
+
+def _print_control_updates(source: str, layers: list[int] | range, wiring: dict[str, Any]) -> None:
+    """The update RMS of the pretrained layers and of each frozen control on the same inputs."""
+    from .llm.analysis import control_update_rms
+
+    rows = control_update_rms(source, layers, **wiring)
+    names = [k for k in rows[0] if k != "tune"]
+    print("\nupdate RMS ||layers(x) - x|| / ||x|| (before the final norm), same inputs for every row:")
+    print("| tune | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for row in rows:
+        label = "frozen (pretrained)" if row["tune"] == "frozen" else row["tune"]
+        print(f"| {label} | " + " | ".join(f"{row[n]:.3g}" for n in names) + " |")
 
 
 # ----------------------------------------------------------------------------------------------- parser
@@ -318,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--final-norm", default="rms_unit", choices=FINAL_NORMS)
     show.add_argument("--tune", default="frozen", choices=TUNE_MODES)
     show.add_argument("--attn-implementation", default=None)
+    show.add_argument(
+        "--no-controls",
+        dest="controls",
+        action="store_false",
+        help="skip the update-RMS table of the pretrained layers vs the shuffled / random_matched / random controls",
+    )
     show.set_defaults(func=_cmd_show)
     return parser
 

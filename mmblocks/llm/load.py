@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, get_args
@@ -131,7 +130,7 @@ def load_weights(model: nn.Module, reader: TensorReader, prefixes: Sequence[str]
         raise MissingWeightsError(f"checkpoint is missing {len(missing)} tensor(s) of {what}, e.g. {missing[:3]}")
 
 
-def _materialize_random(module: nn.Module, base: nn.Module, generator_seed: int | None) -> None:
+def _materialize_random(module: nn.Module, base: nn.Module) -> None:
     """Give meta parameters real storage and the family's own init (the random-init control), as `transformers`
     initialises a fresh model: each module's ``reset_parameters`` and the family's ``_init_weights``, children before
     parents (a parent's scaled init, e.g. GPT-2's ``c_proj`` at 0.02/sqrt(2 n_layer), must not be overwritten by its
@@ -142,19 +141,15 @@ def _materialize_random(module: nn.Module, base: nn.Module, generator_seed: int 
             if p is not None and p.is_meta:  # NaN: what no init writes is found below
                 data = torch.full_like(p, float("nan"), device="cpu")
                 sub._parameters[name] = nn.Parameter(data, requires_grad=p.requires_grad)
-    ctx = torch.random.fork_rng(devices=[]) if generator_seed is not None else contextlib.nullcontext()
-    with ctx:
-        if generator_seed is not None:
-            torch.manual_seed(generator_seed)
-        for sub in reversed(list(module.modules())):
-            if hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
-            elif is_norm_module(sub):
-                with torch.no_grad():
-                    for p in sub.parameters(recurse=False):
-                        p.fill_(0.0 if "Gemma" in type(sub).__name__ else 1.0)
-            type(base)._init_weights(base, sub)
-        _init_leftovers(module, base.config)
+    for sub in reversed(list(module.modules())):
+        if hasattr(sub, "reset_parameters"):
+            sub.reset_parameters()
+        elif is_norm_module(sub):
+            with torch.no_grad():
+                for p in sub.parameters(recurse=False):
+                    p.fill_(0.0 if "Gemma" in type(sub).__name__ else 1.0)
+        type(base)._init_weights(base, sub)
+    _init_leftovers(module, base.config)
 
 
 def _init_leftovers(module: nn.Module, config: Any) -> None:
@@ -209,12 +204,16 @@ def load_blocks(
             order 0..N-1; families with absolute positions outside the layers (OPT, GPT-2, BERT) ignore it), or
             ``2d`` / ``3d`` (VisionLLaMA's axial rotary over ``Tokens.pos``, `mmblocks.layers.rope`).
         final_norm: ``none``, ``rms_unit`` (parameter-free RMS norm, the center paper) or ``llm``.
-        tune: ``frozen``, ``norm``, ``lora``, ``full``, ``random``, ``gated``, ``expand`` or ``interpolate``;
-            options in ``tune_kwargs`` (see `mmblocks.llm.tuning.TUNE_KWARGS`).
+        tune: ``frozen``, ``norm``, ``lora``, ``full``, ``gated``, ``expand`` or ``interpolate``; or a control:
+            ``random`` (the family's init, frozen), ``shuffled`` / ``random_matched`` (the pretrained tensors
+            permuted / redrawn at their own mean and std, frozen: `scramble_weights`) or ``scratch`` (the family's
+            init, trained); options in ``tune_kwargs`` (see `mmblocks.llm.tuning.TUNE_KWARGS`).
         dtype: cast the layers to this dtype (default: as stored).
         attn_implementation: ``sdpa`` (default), ``eager``, ``flash_attention_2``, ``flex_attention``...
         config_overrides: config fields for ``random:<family>`` sources.
-        seed: seed for random initialisation (``random:`` sources and ``tune="random"``).
+        seed: seed of the random initialisation (``random:`` sources, ``tune="random"`` / ``"scratch"``) and of the
+            ``shuffled`` / ``random_matched`` controls; None: `torch.initial_seed()` (the training seed). Either way
+            the global generator is not advanced, so the rest of a model is initialised as in the ``frozen`` arm.
         causal_impl: ``pre_softmax`` (additive mask) or ``post_softmax_mult`` (iLLaMA's released code; eager only).
         soft_mask: the `SoftMaskSchedule` (or its dict) of ``attention="soft"``.
         rope_theta, rope_train_grid: base frequency and AS2DRoPE training grid of the axial rotary.
@@ -252,7 +251,7 @@ def load_blocks(
     indices = resolve_layers(layers, len(stack))
     layer_types = _layer_types(config, spec, indices)
     chosen = [stack[i] for i in indices]
-    random_init = resolved.reader is None or tune == "random"
+    random_init = resolved.reader is None or tune in ("random", "scratch")
 
     base = decoder if spec.decoder else model
     root = f"{spec.decoder}." if spec.decoder else ""
@@ -263,8 +262,12 @@ def load_blocks(
         norm_module = decoder.get_submodule(spec.final_norm)
     if random_init:
         owner = model if isinstance(model, PreTrainedModel) else base
-        for module in chosen + ([norm_module] if norm_module is not None else []):
-            _materialize_random(module, owner, seed)
+        # one seeded stream for all layers (each layer its own draw), forked so the global generator is not
+        # advanced: the adapters around a random block start as those around the pretrained one of the same seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(torch.initial_seed() if seed is None else seed)
+            for module in chosen + ([norm_module] if norm_module is not None else []):
+                _materialize_random(module, owner)
     else:
         prefixes = [f"{root}{spec.layers}.{i}" for i in indices]
         if norm_module is not None:
@@ -300,7 +303,7 @@ def load_blocks(
     if dtype is not None:
         blocks.layers.to(dtype)
         blocks.final_norm.to(dtype)
-    apply_tuning(blocks, tune, **tune_kwargs)
+    apply_tuning(blocks, tune, seed=seed, **tune_kwargs)
     return blocks
 
 

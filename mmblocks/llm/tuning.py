@@ -1,4 +1,5 @@
-"""How the LLM layers are tuned: frozen, norm (FPT), lora (peft), full, random, gated, expand, interpolate.
+"""How the LLM layers are tuned: frozen, norm (FPT), lora (peft), full, random, gated, expand, interpolate, and the
+controls of "do the pretrained weights help?": shuffled, random_matched (frozen, scale-matched) and scratch (trainable).
 
 Every mode starts from a frozen stack and then opens exactly the parameters it names, so
 `LLMBlocks.trainable_parameters()` is always the honest list for the optimizer.
@@ -25,15 +26,31 @@ __all__ = [
     "InterpolatedLayer",
     "lora_target_modules",
     "lora_target_parameters",
+    "scramble_weights",
 ]
 
-TuneMode = Literal["frozen", "norm", "lora", "full", "random", "gated", "expand", "interpolate"]
+TuneMode = Literal[
+    "frozen",
+    "norm",
+    "lora",
+    "full",
+    "random",
+    "shuffled",
+    "random_matched",
+    "scratch",
+    "gated",
+    "expand",
+    "interpolate",
+]
 TUNE_MODES: tuple[str, ...] = get_args(TuneMode)
 
 # The keyword arguments each mode accepts, with their defaults.
 TUNE_KWARGS: dict[str, dict[str, Any]] = {
     "frozen": {},
     "random": {},
+    "shuffled": {},
+    "random_matched": {},
+    "scratch": {},
     "norm": {},
     "full": {},
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target": "attention"},
@@ -63,8 +80,13 @@ def _check_kwargs(tune: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**allowed, **kwargs}
 
 
-def apply_tuning(blocks: LLMBlocks, tune: str, **kwargs: Any) -> LLMBlocks:
-    """Freeze everything, then open the parameters `tune` names (in place; returns `blocks`)."""
+def apply_tuning(blocks: LLMBlocks, tune: str, *, seed: int | None = None, **kwargs: Any) -> LLMBlocks:
+    """Freeze everything, then open the parameters `tune` names (in place; returns `blocks`).
+
+    ``seed``: the permutation / draw of ``shuffled`` and ``random_matched`` (None: `torch.initial_seed()`, the
+    training seed, without advancing the global generator, so the other parts of a model are initialised as in the
+    ``frozen`` arm of the same seed).
+    """
     if tune not in TUNE_MODES:
         raise ValueError(f"tune must be one of {TUNE_MODES}, got {tune!r}")
     opts = _check_kwargs(tune, kwargs)
@@ -72,6 +94,12 @@ def apply_tuning(blocks: LLMBlocks, tune: str, **kwargs: Any) -> LLMBlocks:
     blocks.tune = tune
     if tune in ("frozen", "random"):
         blocks._always_eval = list(blocks.layers) + [blocks.final_norm]
+    elif tune in ("shuffled", "random_matched"):
+        scramble_weights(blocks, tune, seed=torch.initial_seed() if seed is None else seed)
+        blocks._always_eval = list(blocks.layers) + [blocks.final_norm]
+    elif tune == "scratch":  # the family's init (load_blocks), every parameter trained: the matched-capacity arm
+        for p in blocks.parameters():
+            p.requires_grad_(True)
     elif tune == "norm":
         open_norm_parameters(blocks.layers, blocks.final_norm)
     elif tune == "full":
@@ -87,6 +115,39 @@ def apply_tuning(blocks: LLMBlocks, tune: str, **kwargs: Any) -> LLMBlocks:
         _apply_interpolate(blocks, **opts)
     blocks.attention = blocks.attention  # re-apply the causal flags to any new copies
     blocks.train(blocks.training)
+    return blocks
+
+
+# ------------------------------------------------------------------------------------------------ controls
+@torch.no_grad()
+def scramble_weights(blocks: LLMBlocks, how: str, seed: int = 0) -> LLMBlocks:
+    """Destroy the learned structure of the pretrained weights and keep their scale (in place).
+
+    ``shuffled``: each parameter tensor's entries permuted (one fixed-seed permutation per tensor): the same multiset
+    of values, so the same mean, std, outliers and norm-gain magnitudes, with no learned arrangement.
+    ``random_matched``: each tensor drawn from a Gaussian with that tensor's own mean and std (a one-entry tensor keeps
+    its value). Unlike ``tune: random`` (the family's init, std 0.02, whose residual update is tiny next to the
+    pretrained block's), both keep the block's update at the pretrained block's scale, so they separate "pretrained
+    weights help" from "a large frozen nonlinearity helps". Rotary frequencies and other buffers are untouched.
+    """
+    if how not in ("shuffled", "random_matched"):
+        raise ValueError(f"scramble_weights: how must be 'shuffled' or 'random_matched', got {how!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    modules = list(blocks.layers) + [blocks.final_norm]
+    seen: set[int] = set()
+    for module in modules:
+        for _, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+            if id(p) in seen or not p.is_floating_point():
+                continue
+            seen.add(id(p))
+            flat = p.detach().reshape(-1).float().cpu()
+            if how == "shuffled":
+                new = flat[torch.randperm(flat.numel(), generator=gen)]
+            elif flat.numel() > 1:
+                new = torch.randn(flat.numel(), generator=gen) * flat.std() + flat.mean()
+            else:
+                new = flat
+            p.copy_(new.reshape(p.shape).to(p.dtype))
     return blocks
 
 
