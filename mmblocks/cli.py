@@ -2,6 +2,7 @@
 
 mmblocks train CONFIG [key=value ...] [--resume | --overwrite]   (also under `torchrun --nproc_per_node N -m mmblocks`)
 mmblocks eval CONFIG --checkpoint CKPT [key=value ...]
+mmblocks study CONFIG [--arms a,b] [--seeds N] [--set key=v1,v2] [--jobs K] [--reference ARM] [key=value ...]
 mmblocks shards write --modality image|points|audio|video --from-folder DIR | --from-manifest FILE --out OUT [--split S]
 mmblocks shards make digits|textures|meshes|keywords|moving-digits --out DIR [--seed S] [--set KEY=VALUE ...]
 mmblocks demo [--quick]
@@ -80,6 +81,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if out is not None:
             print(f"metrics and predictions: {out}", file=sys.stderr)
     return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from .study import read_study, run_study
+
+    spec = read_study(
+        args.config,
+        arms=[a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None,
+        seeds=args.seeds,
+        sweep=args.sweep,
+        reference=args.reference,
+        overrides=args.overrides,
+        metric=args.metric,
+        jobs=args.jobs,
+        out=args.out,
+    )
+    data = run_study(spec, dry_run=args.dry_run)
+    failed = sum(len(c.get("failed", [])) for c in data.get("groups", []))
+    return 1 if failed else 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -214,7 +234,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _print_control_updates(source: str, layers: list[int] | range, wiring: dict[str, Any]) -> None:
     """The update RMS of the pretrained layers and of each frozen control on the same inputs."""
-    from .llm.analysis import control_update_rms
+    from .analysis import control_update_rms
 
     rows = control_update_rms(source, layers, **wiring)
     names = [k for k in rows[0] if k != "tune"]
@@ -249,6 +269,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="train.out_dir holds a previous run: move it aside (to <out_dir>.old-<time>) and start afresh",
     )
     tr.set_defaults(func=_cmd_train)
+
+    st = sub.add_parser(
+        "study", help="arms x seeds (x a sweep) over recipes, resumable, with paired differences and 95%% intervals"
+    )
+    st.add_argument("config", help="a recipe YAML, or a study YAML (a study: section naming recipes, arms, seeds...)")
+    st.add_argument("overrides", nargs="*", help="key.path=value overrides for every run")
+    st.add_argument(
+        "--arms",
+        help="comma-separated arm names (default: the study file's, else baseline, frozen, "
+        "shuffled, random_matched, random, scratch)",
+    )
+    st.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the study file's, else 3)")
+    st.add_argument(
+        "--set",
+        dest="sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="sweep a key over values (repeatable: the grid is their product), e.g. model.llm.layers=[-1],[-4],[-8]",
+    )
+    st.add_argument("--reference", help="the arm every other is compared with (default: baseline)")
+    st.add_argument("--metric", help="the test metric to compare (default: the task's monitored metric)")
+    st.add_argument("--jobs", type=int, help="runs side by side, the cores shared among them (default 1)")
+    st.add_argument("--out", help="study folder (default: runs/study/<config stem>)")
+    st.add_argument("--dry-run", action="store_true", help="print the runs still to do, run nothing")
+    st.set_defaults(func=_cmd_study)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the val/test splits")
     ev.add_argument("config")

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmblocks.cli import main
-from mmblocks.llm import load_blocks
-from mmblocks.llm.analysis import (
+from mmblocks.analysis import (
     block_influence,
     control_update_rms,
     layer_outputs,
@@ -18,6 +16,8 @@ from mmblocks.llm.analysis import (
     text_hidden_states,
     update_rms,
 )
+from mmblocks.cli import main
+from mmblocks.llm import load_blocks
 
 FAMILIES = ["llama", "gemma3_text", "gpt2", "opt"]
 

@@ -2,14 +2,6 @@
 
 from ..layers.masks import ATTENTION_MODES, AttentionMode
 from ..layers.norms import UnitRMSNorm
-from .analysis import (
-    CONTROL_TUNES,
-    block_influence,
-    control_update_rms,
-    linear_cka,
-    text_hidden_states,
-    update_rms,
-)
 from .blocks import FINAL_NORMS, ROPE_MODES, FinalNorm, LLMBlocks, RopeMode
 from .discovery import discover, get_family, list_families, tiny_config
 from .families import ENTRIES, FamilyEntry, FamilySpec, UnknownFamilyError
@@ -36,7 +28,6 @@ from .tuning import (
 
 __all__ = [
     "ATTENTION_MODES",
-    "CONTROL_TUNES",
     "DTYPES",
     "ENTRIES",
     "FINAL_NORMS",
@@ -58,13 +49,10 @@ __all__ = [
     "SourceError",
     "UnitRMSNorm",
     "UnknownFamilyError",
-    "block_influence",
     "cache_dir",
-    "control_update_rms",
     "discover",
     "get_family",
     "list_families",
-    "linear_cka",
     "list_offline_models",
     "lm_layers",
     "load_blocks",
@@ -76,7 +64,5 @@ __all__ = [
     "resolve_source",
     "scramble_weights",
     "set_lm_checkpointing",
-    "text_hidden_states",
     "tiny_config",
-    "update_rms",
 ]

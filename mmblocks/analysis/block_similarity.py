@@ -17,7 +17,7 @@ from torch import nn
 
 from tokenizers_mm import Tokens
 
-from .blocks import LLMBlocks
+from ..llm import LLMBlocks
 
 __all__ = [
     "CONTROL_TUNES",
@@ -123,7 +123,7 @@ def text_hidden_states(source: str, layer: int, text: str = REFERENCE_TEXT, skip
     Returns:
         ``[1, T, D]`` float32.
     """
-    from .lm import load_lm, load_tokenizer
+    from ..llm import load_lm, load_tokenizer
 
     lm = load_lm(source, tune="frozen")
     tok = load_tokenizer(source)
@@ -159,8 +159,7 @@ def control_update_rms(
     Returns:
         one row per tune: ``{"tune": ..., <input name>: update RMS, ...}``.
     """
-    from .load import load_blocks
-    from .sources import resolve_source
+    from ..llm import load_blocks, resolve_source
 
     layers = [-1] if layers is None else layers
     first = load_blocks(source, layers, tune="frozen", seed=seed, **block_kwargs)
