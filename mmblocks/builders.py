@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from adapters import create_adapter
@@ -179,7 +180,13 @@ def build_encoder(
     cfg = load_config(cfg)
     m = cfg["model"]
     tokenizer, backbone = build_tokenizer_and_backbone(m, cfg["data"])
-    llm_stage = build_llm_stage(m["llm"], m, backbone.embed_dim) if m["llm"]["enabled"] else None
+    llm_stage = None
+    if m["llm"]["enabled"]:
+        # from a stream of its own, so the head after it starts as in the baseline of the same seed: arms of one
+        # seed differ only in the LLM stage (paired comparisons, `mmblocks study`)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(torch.initial_seed() + 1)
+            llm_stage = build_llm_stage(m["llm"], m, backbone.embed_dim)
     task = task if task is not None else build_task(cfg, num_classes)
     head = None
     if task is not None:

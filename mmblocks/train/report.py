@@ -37,7 +37,7 @@ __all__ = [
 
 REPORT_DIR = "report"
 _RESERVED = ("step", "split", "time")
-_MIN_RE = re.compile(r"loss|error|perplexity|ppl|mse|mae|nll")
+_MIN_RE = re.compile(r"loss|error|perplexity|ppl|mse|mae|nll|(^|[^a-z])[wc]er($|[^a-z])")
 _MAX_RE = re.compile(r"acc|top\d|recall|precision|f1|auc|(^|[^a-z])map($|[^a-z])|iou|bleu|r@\d")
 
 Series = dict[tuple[str, str], list[tuple[int, float]]]

@@ -1,0 +1,193 @@
+"""`mmblocks study`: the grid, its paired statistics against scipy, resumability, and a real two-arm study."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from scipy import stats
+
+from mmblocks.builders import build_encoder
+from mmblocks.cli import main
+from mmblocks.config import ConfigError
+from mmblocks.study import ARMS, paired_difference, parse_sweep, plan_study, read_study
+from mmblocks.train import seed_everything
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "image" / "digits_vit_tiny_smollm2.yaml"
+QUICK = [
+    "data.image_size=16",
+    "model.backbone.img_size=16",
+    "model.backbone.patch_size=4",
+    "model.backbone.depth=1",
+    "data.batch_size=16",
+    "train.max_steps=3",
+    "train.epochs=1",
+    "train.log_every=1",
+    "train.tensorboard=false",
+    "data.num_workers=0",
+]
+
+
+def test_parse_sweep_keeps_lists_whole():
+    sweep = parse_sweep(["model.llm.layers=[-1],[-4],[-8]", "train.lr=1e-3,3e-4", "model.adapter_in.name=linear,mlp"])
+    assert sweep == {
+        "model.llm.layers": [[-1], [-4], [-8]],
+        "train.lr": ["1e-3", "3e-4"],  # YAML 1.1 reads 1e-3 as a string; the override parser reads it again
+        "model.adapter_in.name": ["linear", "mlp"],
+    }
+    with pytest.raises(ConfigError, match="key=value1,value2"):
+        parse_sweep(["model.llm.layers"])
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_paired_difference_equals_scipy(n):
+    g = torch.Generator().manual_seed(n)
+    ref = {s: float(v) for s, v in enumerate(torch.rand(n, generator=g))}
+    arm = {s: v + float(d) for (s, v), d in zip(ref.items(), 0.05 + 0.1 * torch.randn(n, generator=g))}
+    arm[99] = 0.5  # a seed only one arm finished is not paired
+    d = paired_difference(arm, ref)
+    a, b = [arm[s] for s in range(n)], [ref[s] for s in range(n)]
+    test = stats.ttest_rel(a, b)
+    lo, hi = test.confidence_interval(0.95)
+    assert d["n"] == n and d["seeds"] == list(range(n))
+    assert d["mean"] == pytest.approx(sum(x - y for x, y in zip(a, b)) / n)
+    assert d["ci"] == pytest.approx((lo, hi), rel=1e-9, abs=1e-12)
+    pos = sum(x > y for x, y in zip(a, b))
+    assert d["positive"] == pos
+    assert d["sign_p"] == pytest.approx(stats.binomtest(pos, n, 0.5).pvalue)
+
+
+def test_paired_difference_one_seed_has_no_interval():
+    d = paired_difference({0: 0.7}, {0: 0.6, 1: 0.5})
+    assert d["n"] == 1 and "ci" not in d and d["mean"] == pytest.approx(0.1)
+    assert paired_difference({}, {0: 1.0})["n"] == 0
+
+
+def test_plan_dedupes_a_baseline_under_an_llm_sweep(tmp_path):
+    spec = read_study(
+        RECIPE,
+        arms=["baseline", "frozen", "shuffled"],
+        seeds=2,
+        sweep=["model.llm.layers=[-1],[-4]"],
+        overrides=QUICK,
+        out=tmp_path,
+    )
+    cells = plan_study(spec)
+    assert len(cells) == 2 * 3 * 2
+    runs = {c.run_dir for c in cells}
+    assert len(runs) == 2 * 2 * 2 + 2  # the baseline runs once per seed, not once per layer
+    base = [c for c in cells if c.arm == "baseline"]
+    assert len({c.run_dir for c in base}) == 2
+    frozen = [c for c in cells if c.arm == "frozen"]
+    assert {c.point for c in frozen} == {"layers=[-1]", "layers=[-4]"}
+    assert all(f"train.seed={c.seed}" in c.overrides for c in cells)
+
+
+def test_study_file_names_recipes_arms_and_custom_arms(tmp_path):
+    study = tmp_path / "s.yaml"
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "study": {
+                    "recipes": [str(RECIPE)],
+                    "arms": ["baseline", "frozen_slow"],
+                    "custom_arms": {"frozen_slow": ["model.llm.enabled=true", "train.lr=3e-4"]},
+                    "seeds": [3, 4],
+                    "overrides": QUICK,
+                }
+            }
+        )
+    )
+    spec = read_study(study)
+    assert spec.arms == {"baseline": ARMS["baseline"], "frozen_slow": ("model.llm.enabled=true", "train.lr=3e-4")}
+    assert spec.seeds == [3, 4] and spec.reference == "baseline" and spec.recipes == [RECIPE]
+    with pytest.raises(ConfigError, match="unknown arm"):
+        read_study(study, arms=["nope"])
+    with pytest.raises(ConfigError, match="reference arm"):
+        read_study(study, reference="frozen")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"study": {"recipes": [str(RECIPE)], "arms": ["baseline"], "sede": 3}}))
+    with pytest.raises(ConfigError, match="unknown study key"):
+        read_study(bad)
+    with pytest.raises(ConfigError, match="frozen / seed 0"):  # every config is validated before anything runs
+        plan_study(read_study(RECIPE, arms=["frozen"], seeds=1, overrides=["model.llm.attention=nope"], out=tmp_path))
+
+
+def test_arms_of_one_seed_share_every_init_outside_the_llm_stage():
+    """The pairing the report relies on: baseline and LLM arms of one seed differ only in the LLM stage at init."""
+
+    def encoder(llm_overrides):
+        seed_everything(7)
+        cfg = {
+            "model": {
+                "backbone": {"name": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "depth": 1},
+                "llm": {"enabled": llm_overrides is not None, "source": "smollm2-135m", **(llm_overrides or {})},
+                "num_classes": 10,
+            },
+            "data": {"channels": 1},
+        }
+        return build_encoder(cfg, verbose=False).state_dict()
+
+    base = encoder(None)
+    for tune in ("frozen", "shuffled", "random", "scratch"):
+        other = encoder({"tune": tune})
+        for k, v in base.items():
+            torch.testing.assert_close(other[k], v, msg=f"{tune}: {k}")
+
+
+@pytest.mark.slow
+def test_a_real_study_runs_resumes_and_reports(tmp_path, capsys):
+    data = tmp_path / "data"
+    args = ["study", str(RECIPE), *QUICK, f"data.root={data}", "--arms", "baseline,frozen", "--seeds", "2"]
+    args += ["--jobs", "2", "--out", str(tmp_path / "study")]
+    assert main(args) == 0
+    out = tmp_path / "study"
+    report = (out / "study.md").read_text()
+    data_json = json.loads((out / "study.json").read_text())
+    assert data_json["metric"] == "acc" and data_json["mode"] == "max"
+    group = data_json["groups"][0]
+    by_arm = {r["arm"]: r for r in group["arms"]}
+    assert set(by_arm) == {"baseline", "frozen"} and all(r["n"] == 2 for r in by_arm.values())
+    # the table's values are the runs' own test accuracies
+    for arm in ("baseline", "frozen"):
+        for seed in (0, 1):
+            summary = json.loads(
+                (out / "runs" / RECIPE.stem / "default" / arm / f"seed{seed}" / "summary.json").read_text()
+            )
+            assert by_arm[arm]["per_seed"][str(seed)] == pytest.approx(summary["test"]["acc"])
+    comp = group["comparisons"][0]
+    diffs = [by_arm["frozen"]["per_seed"][str(s)] - by_arm["baseline"]["per_seed"][str(s)] for s in (0, 1)]
+    assert comp["diffs"] == pytest.approx(diffs) and math.isfinite(comp["ci"][0])
+    assert "frozen - baseline" in report and "95% CI" in report and "![learning curves]" in report
+    assert (out / f"curves_{RECIPE.stem}_default.png").stat().st_size > 1000
+    # a second call runs nothing and reports the same
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "0 to run" in capsys.readouterr().err
+    assert (out / "study.md").read_text() == report
+    # a killed run (no summary, a checkpoint) resumes; a changed command is refused, never silently reused
+    run = out / "runs" / RECIPE.stem / "default" / "frozen" / "seed1"
+    (run / "summary.json").unlink()
+    assert (run / "checkpoints" / "latest").is_file()
+    assert main([*args, "--dry-run"]) == 0
+    assert "1 to run" in capsys.readouterr().err
+    assert main(args) == 0
+    assert (run / "summary.json").is_file()
+    changed = ["study", str(RECIPE), *QUICK, "train.lr=0.5", f"data.root={data}", "--arms", "frozen", "--seeds", "1"]
+    assert main([*changed, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "made by another command" in err and "train.lr=0.5" in err
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_study_files_plan(path, tmp_path):
+    spec = read_study(path, out=tmp_path)
+    cells = plan_study(spec)
+    assert len(cells) == len(spec.recipes) * len(spec.arms) * len(spec.seeds) * max(
+        1, math.prod(len(v) for v in spec.sweep.values())
+    )
