@@ -12,6 +12,7 @@ from .checkpoint import (
 )
 from .distributed import DistInfo, init_distributed
 from .fsdp import apply_fsdp, fsdp_units, fsdp_unsharded
+from .instrument import StageStats, token_stats
 from .ledger import DataLedger
 from .logging import MetricsLogger, StepTimer, read_metrics
 from .report import compare_runs_table, write_report
@@ -29,6 +30,7 @@ __all__ = [
     "ResumeMismatchError",
     "RunFolderError",
     "SoftMaskCallback",
+    "StageStats",
     "StepTimer",
     "TrainSettings",
     "Trainer",
@@ -50,6 +52,7 @@ __all__ = [
     "run_contents",
     "save_checkpoint",
     "seed_everything",
+    "token_stats",
     "trainable_state_dict",
     "write_report",
 ]

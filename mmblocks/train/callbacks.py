@@ -30,6 +30,9 @@ class Callback:
         """Before the forward passes of optimizer step ``trainer.step``; the values returned are logged with it."""
         return None
 
+    def on_before_optimizer_step(self, trainer: Trainer) -> None:
+        """After the backward passes of step ``trainer.step``, before gradient clipping and the optimizer step."""
+
     def on_step_end(self, trainer: Trainer, step: int) -> None:
         """After optimizer step `step` (``trainer.step == step``), its logging and checkpoint."""
 

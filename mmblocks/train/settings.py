@@ -66,6 +66,13 @@ class TrainSettings:
     keep_checkpoints: int = field(default=3, metadata=_doc("checkpoints kept (older ones are deleted)"))
     log_every: int = field(default=20, metadata=_doc("optimizer steps between metric records"))
     eval_every: int = field(default=1, metadata=_doc("epochs between evaluations"))
+    instrument_every: int = field(
+        default=0,
+        metadata=_doc(
+            "optimizer steps between per-stage records (activation RMS, across-sample spread, the LLM blocks' update "
+            "RMS, gradient norm per stage: split `stages` of metrics.jsonl); 0: off"
+        ),
+    )
     tensorboard: bool = field(default=True, metadata=_doc("also write TensorBoard events"))
     progress: bool = field(default=True, metadata=_doc("tqdm progress bars"))
 

@@ -49,6 +49,7 @@ from .fsdp import (
     fsdp_trainable_names,
     fsdp_unsharded,
 )
+from .instrument import StageStats
 from .ledger import DataLedger
 from .logging import MetricsLogger, StepTimer
 from .report import REPORT_DIR, write_report
@@ -177,6 +178,8 @@ class Trainer:
         self.callbacks: list[Callback] = default_callbacks() + [
             cb if isinstance(cb, Callback) else FunctionCallback(cb) for cb in callbacks
         ]
+        if s.instrument_every:
+            self.callbacks.append(StageStats(s.instrument_every))
         self.out_dir = Path(s.out_dir)
         self.dist = dist if dist is not None else init_distributed(s.device)
         self.device = self.dist.device
@@ -369,6 +372,8 @@ class Trainer:
         return out.metrics, out.num_samples
 
     def _optimizer_step(self) -> torch.Tensor | float:
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(self)
         clip = self.settings.grad_clip
         grad_norm: torch.Tensor | float = float("nan")
         if clip:
