@@ -21,6 +21,7 @@ from adapters import create_adapter
 from tokenizers_mm import create_tokenizer
 from tokenizers_mm.registry import RegistryError
 
+from .analysis import text_rms
 from .config import ConfigError, load_config
 from .errors import MMBlocksError
 from .llm import load_blocks
@@ -134,7 +135,14 @@ def build_llm_stage(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], wi
     ):
         with config_errors(f"model.{key}"):
             stage.append(create_adapter(model_cfg[key]["name"], d_in, d_out, **model_cfg[key]["kwargs"]))
-    return LLMStage(stage[0], blocks, stage[1])
+    init_rms = model_cfg["adapter_in"].get("init_rms")
+    if isinstance(init_rms, str):
+        if init_rms != "text":
+            raise ConfigError(f"model.adapter_in.init_rms: expected a number, 'text' or null, got {init_rms!r}")
+        with config_errors("model.adapter_in.init_rms"):
+            init_rms = text_rms(llm_cfg["source"], blocks.layer_indices[0])
+        blocks.text_rms = init_rms  # stored with the block
+    return LLMStage(stage[0], blocks, stage[1], adapter_in_rms=None if init_rms is None else float(init_rms))
 
 
 def _check_stages(stages: Sequence[str]) -> tuple[str, ...]:

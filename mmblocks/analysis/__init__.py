@@ -9,6 +9,7 @@ from .block_similarity import (
     layer_outputs,
     linear_cka,
     text_hidden_states,
+    text_rms,
     update_rms,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "layer_outputs",
     "linear_cka",
     "text_hidden_states",
+    "text_rms",
     "update_rms",
 ]

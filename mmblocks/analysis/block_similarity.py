@@ -9,6 +9,7 @@ comparable to text if its output has the scale of the LM's own hidden states the
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator
 
@@ -27,6 +28,7 @@ __all__ = [
     "layer_outputs",
     "linear_cka",
     "text_hidden_states",
+    "text_rms",
     "update_rms",
 ]
 
@@ -135,6 +137,32 @@ def text_hidden_states(source: str, layer: int, text: str = REFERENCE_TEXT, skip
         raise ValueError(f"layer {layer} is out of range for {source} ({n_layers} layers)")
     out = hidden[index].float()
     return out[:, 1:] if skip_first else out
+
+
+def text_rms(source: str, layer: int, text: str = REFERENCE_TEXT) -> float:
+    """The RMS of `text_hidden_states` at `layer`: the scale of the states the block was trained on. Measured once
+    per (source, layer, text) and kept in ``<cache_dir>/text_rms.json`` (loading the whole LM is the cost)."""
+    import hashlib
+    import json
+
+    from ..llm import cache_dir, resolve_source
+
+    resolved = resolve_source(source)
+    if resolved.kind == "random":
+        raise ValueError(f"{source} has no pretrained weights, so no text hidden states: give the RMS as a number")
+    n_layers = int(getattr(resolved.config, "num_hidden_layers", 0) or 0)
+    index = layer if layer >= 0 or not n_layers else n_layers + layer
+    key = f"{resolved.label}|layer {index}|{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    path = cache_dir() / "text_rms.json"
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in table:
+        states = text_hidden_states(source, index, text)
+        table[key] = float(states.pow(2).mean().sqrt())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        os.replace(tmp, path)  # atomic: parallel runs never read half a file
+    return float(table[key])
 
 
 CONTROL_TUNES: tuple[str, ...] = ("frozen", "shuffled", "random_matched", "random")

@@ -148,6 +148,14 @@ _BASE_SCHEMA: Schema = {
         "adapter_in": {
             "name": Field("linear", STR, choices=_adapters),
             "kwargs": Field({"bias": False}, (dict,), open_mapping=True),
+            "init_rms": Field(
+                None,
+                (int, float, str),
+                nullable=True,
+                doc="rescale adapter_in on the first training batch so its output has this RMS; 'text': the RMS of "
+                "the LLM's own hidden states at the block's input on English text (measured once, cached); null: "
+                "as initialised (the center paper)",
+            ),
         },
         "adapter_out": {
             "name": Field("linear", STR, choices=_adapters),

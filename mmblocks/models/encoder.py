@@ -25,10 +25,20 @@ class LLMStage(nn.Module):
 
     The center paper's wiring is two bias-free linears around one frozen block, with no residual around the stage.
     ``Tokens [B, N, d] -> [B, N, D_llm] -> [B, N, d]``.
+
+    ``adapter_in_rms``: when set, `calibrate` rescales ``adapter_in`` on the first training batch so that its output
+    has this RMS (e.g. the RMS of the LLM's own hidden states at the block's input, `mmblocks.analysis.text_rms`):
+    a pretrained block's residual update is of the size of the states it was trained on, and swamps an input far
+    smaller than them. The Trainer calls it once, on a fresh run (`CalibrationCallback`).
     """
 
-    def __init__(self, adapter_in: nn.Module, blocks: LLMBlocks, adapter_out: nn.Module):
+    def __init__(
+        self, adapter_in: nn.Module, blocks: LLMBlocks, adapter_out: nn.Module, adapter_in_rms: float | None = None
+    ):
         super().__init__()
+        if adapter_in_rms is not None and not adapter_in_rms > 0:
+            raise ValueError(f"adapter_in_rms must be > 0, got {adapter_in_rms}")
+        self.adapter_in_rms = adapter_in_rms
         for name, a, want in (("adapter_in", adapter_in, "out_dim"), ("adapter_out", adapter_out, "in_dim")):
             width = getattr(a, want, None)
             if width is not None and width != blocks.hidden_size:
@@ -41,6 +51,45 @@ class LLMStage(nn.Module):
 
     def forward(self, tokens: Tokens) -> Tokens:
         return self.adapter_out(self.blocks(self.adapter_in(tokens)))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.adapter_in_rms is not None
+
+    @torch.no_grad()
+    def calibrate(self, tokens: Tokens) -> float:
+        """Scale ``adapter_in``'s last linear layer (weight and bias) so that its output on `tokens` has RMS
+        `adapter_in_rms` over the real tokens (averaged over ranks under DDP); returns the factor. The adapters'
+        outputs are linear in their last layer, which is checked."""
+        if self.adapter_in_rms is None:
+            raise ValueError("LLMStage.calibrate needs adapter_in_rms")
+        last = [m for m in self.adapter_in.modules() if isinstance(m, nn.Linear)]
+        if not last:
+            raise ValueError(f"adapter_in_rms: {type(self.adapter_in).__name__} has no linear layer to scale")
+        before = _token_rms(self.adapter_in(tokens))
+        factor = self.adapter_in_rms / max(before, 1e-12)
+        last[-1].weight.mul_(factor)
+        if last[-1].bias is not None:
+            last[-1].bias.mul_(factor)
+        after = _token_rms(self.adapter_in(tokens))
+        if abs(after / self.adapter_in_rms - 1) > 1e-2:
+            raise ValueError(
+                f"adapter_in_rms: scaling the last linear layer of {type(self.adapter_in).__name__} by {factor:.4g} "
+                f"gave output RMS {after:.4g}, not {self.adapter_in_rms:.4g}: its output is not linear in that layer"
+            )
+        return factor
+
+
+def _token_rms(tokens: Tokens | torch.Tensor) -> float:
+    """RMS over real tokens, averaged over ranks when a process group is up."""
+    x = tokens.x if isinstance(tokens, Tokens) else tokens
+    mask = tokens.mask if isinstance(tokens, Tokens) else None
+    x = x.float()
+    sq = (x[mask] if mask is not None else x.reshape(-1, x.shape[-1])).pow(2).mean()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sq)
+        sq = sq / torch.distributed.get_world_size()
+    return float(sq.sqrt())
 
 
 class MMEncoder(nn.Module):

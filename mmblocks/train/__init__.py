@@ -1,7 +1,7 @@
 """The training library: `Trainer(model, task, loaders, ...)`, its settings and callbacks, checkpoints, metrics,
 schedules, reports and process groups. It never reads a config (that is `mmblocks.recipes`)."""
 
-from .callbacks import Callback, FunctionCallback, SoftMaskCallback, default_callbacks
+from .callbacks import CalibrationCallback, Callback, FunctionCallback, SoftMaskCallback, default_callbacks
 from .checkpoint import (
     checkpoint_info,
     latest_checkpoint,
@@ -22,6 +22,7 @@ from .settings import TrainSettings
 from .trainer import ResumeMismatchError, Trainer, evaluate, seed_everything
 
 __all__ = [
+    "CalibrationCallback",
     "Callback",
     "DataLedger",
     "DistInfo",

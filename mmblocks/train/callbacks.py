@@ -2,7 +2,7 @@
 
 A callback overrides any of the hooks below. ``on_step_start`` runs before the forward passes of every optimizer
 step and may return metrics to log with that step; a plain function ``fn(trainer, step)`` is an ``on_step_end``
-callback. Every trainer runs `default_callbacks` first (today: `SoftMaskCallback`).
+callback. Every trainer runs `default_callbacks` first (`SoftMaskCallback`, `CalibrationCallback`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ..layers.soft_mask import advance_soft_masks, soft_mask_modules
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["Callback", "FunctionCallback", "SoftMaskCallback", "default_callbacks"]
+__all__ = ["CalibrationCallback", "Callback", "FunctionCallback", "SoftMaskCallback", "default_callbacks"]
 
 
 class Callback:
@@ -73,6 +73,40 @@ class SoftMaskCallback(Callback):
         return {"soft_mask_r": next(iter(ratios.values()))}
 
 
+class CalibrationCallback(Callback):
+    """On a fresh run (step 0, not a resume), let every module that asks (``needs_calibration``, ``calibrate``:
+    `mmblocks.models.LLMStage` with ``adapter_in_rms``) calibrate itself on its input in the first training forward,
+    before that forward runs. A resumed run has its calibrated weights in the checkpoint and is left alone."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.step != 0:
+            return
+        for module in trainer.model.modules():
+            if getattr(module, "needs_calibration", False) and callable(getattr(module, "calibrate", None)):
+                if trainer.settings.fsdp:
+                    raise ValueError(
+                        f"{type(module).__name__} asks to calibrate its weights on the first batch, which is not "
+                        "supported under train.fsdp; calibrate in a single-process run and start from its checkpoint"
+                    )
+                self.handles.append(module.register_forward_pre_hook(self._once))
+
+    def _once(self, module: nn.Module, args: tuple) -> None:
+        if not module.training:
+            return
+        module.calibrate(args[0])
+        for handle in self.handles:  # one module per encoder; all calibrate on their first training forward
+            if handle.id in module._forward_pre_hooks:
+                handle.remove()
+
+    def on_fit_end(self, trainer: Trainer, summary: Mapping[str, Any]) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
 def default_callbacks() -> list[Callback]:
     """The callbacks every `Trainer` runs before the ones it is given."""
-    return [SoftMaskCallback()]
+    return [SoftMaskCallback(), CalibrationCallback()]

@@ -101,7 +101,8 @@ class StageStats(Callback):
 
     def _hook(self, module: nn.Module, label: str, side: str) -> None:
         def record(value: Any) -> None:
-            if f"rms.{label}" in self._record:  # the first micro-batch only
+            # the first micro-batch's training forward only (not a no-grad call such as a calibration's)
+            if f"rms.{label}" in self._record or not torch.is_grad_enabled():
                 return
             got = _tensor_and_mask(value)
             if got is not None:
@@ -115,7 +116,7 @@ class StageStats(Callback):
 
     def _keep_layers_in(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.get("hidden_states")
-        if self._layers_in is None and isinstance(hidden, torch.Tensor):
+        if self._layers_in is None and isinstance(hidden, torch.Tensor) and torch.is_grad_enabled():
             self._layers_in = hidden.detach()
 
     def _update(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
