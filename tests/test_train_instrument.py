@@ -10,7 +10,7 @@ import pytest
 import torch
 from data_helpers import short_run
 
-from mmblocks.recipes import train
+from mmblocks.recipes import build_trainer, train
 from mmblocks.train import read_metrics, token_stats
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "image" / "digits_vit_tiny_smollm2.yaml"
@@ -69,3 +69,16 @@ def test_baseline_logs_the_stages_it_has(tmp_path, small_datasets):
     rec = _stages(tmp_path)[-1]
     assert "rms.tokens" in rec and "rms.into_head" in rec and "grad.backbone" in rec
     assert not any("llm" in k or "adapter" in k for k in rec)
+
+
+def test_lr_scale_gives_each_stage_its_learning_rate(tmp_path, small_datasets):
+    root = small_datasets("digits")
+    scale = "train.lr_scale={llm_stage: 0.5, llm_stage.adapter_in: 0.1}"
+    trainer = build_trainer(RECIPE, [*TINY, *short_run(root, tmp_path), "train.lr=0.002", scale])
+    peak = {name: g["initial_lr"] for g in trainer.optimizer.param_groups for name in g["param_names"]}
+    for name, lr in peak.items():  # the longest prefix wins
+        want = 0.0002 if name.startswith("llm_stage.adapter_in.") else 0.001 if name.startswith("llm_stage.") else 0.002
+        assert lr == pytest.approx(want), name
+    assert any(n.startswith("llm_stage.adapter_out.") for n in peak) and any(n.startswith("head.") for n in peak)
+    with pytest.raises(ValueError, match="match no trainable parameter"):
+        build_trainer(RECIPE, [*TINY, *short_run(root, tmp_path / "x"), "train.lr_scale={llm_stage.blocks: 2}"])

@@ -7,7 +7,7 @@ and a string, so ``scheduler.state_dict()`` stays loadable with ``torch.load(wei
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, get_args
 
 import torch
@@ -115,6 +115,8 @@ def param_groups(
     weight_decay: float,
     *,
     no_decay_patterns: Sequence[str] = (),
+    lr: float | None = None,
+    lr_scale: Mapping[str, float] | None = None,
 ) -> list[dict]:
     """Split the trainable parameters into a weight-decay group and a no-decay group for an optimizer.
 
@@ -165,4 +167,36 @@ def param_groups(
         groups.append({"params": no_decay[0], "param_names": no_decay[1], "weight_decay": 0.0})
     if not groups:
         raise ValueError("no trainable parameters (all have requires_grad=False)")
+    if lr_scale:
+        groups = _scale_groups(groups, lr, lr_scale)
     return groups
+
+
+def _scale_groups(groups: list[dict], lr: float | None, lr_scale: Mapping[str, float]) -> list[dict]:
+    """Split each group by the longest `lr_scale` prefix its parameters' names match; a matched group gets
+    ``lr * factor``. A prefix that matches no trainable parameter is an error (a typo would silently do nothing)."""
+    if lr is None:
+        raise ValueError("param_groups: lr_scale needs the base lr")
+    prefixes = sorted(lr_scale, key=len, reverse=True)
+    used: set[str] = set()
+    out = []
+    for group in groups:
+        split: dict[str | None, tuple[list, list]] = {}
+        for p, name in zip(group["params"], group["param_names"]):
+            hit = next((q for q in prefixes if name == q or name.startswith(q + ".")), None)
+            split.setdefault(hit, ([], []))
+            split[hit][0].append(p)
+            split[hit][1].append(name)
+        for hit, (params, names) in split.items():
+            new = {**group, "params": params, "param_names": names}
+            if hit is not None:
+                used.add(hit)
+                new["lr"] = float(lr) * float(lr_scale[hit])
+            out.append(new)
+    unused = sorted(set(lr_scale) - used)
+    if unused:
+        raise ValueError(
+            f"lr_scale: prefix(es) {unused} match no trainable parameter (names look like 'llm_stage."
+            "adapter_in.proj.weight', 'backbone.blocks.0.attn.qkv.weight')"
+        )
+    return out

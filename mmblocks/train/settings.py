@@ -43,6 +43,13 @@ class TrainSettings:
         default=0.05, metadata=_doc("AdamW weight decay (none on norms, biases, position and special tokens)")
     )
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_doc("AdamW betas"))
+    lr_scale: dict[str, float] = field(
+        default_factory=dict,
+        metadata=_doc(
+            "per-stage learning rates: parameter-name prefix -> factor on lr (the longest matching prefix wins), "
+            "e.g. {llm_stage: 0.3} or {llm_stage.adapter_in: 0.1}; warm-up and decay apply to every group alike"
+        ),
+    )
     warmup_steps: int | None = field(default=None, metadata=_doc("linear warm-up steps (default: warmup_epochs)"))
     warmup_epochs: float = field(default=1.0, metadata=_doc("linear warm-up in epochs when warmup_steps is not set"))
     schedule: Schedule = field(default="cosine", metadata=_doc("decay after warm-up"))
@@ -88,6 +95,16 @@ class TrainSettings:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
+        for prefix, factor in self.lr_scale.items():
+            if (
+                not isinstance(prefix, str)
+                or not prefix
+                or isinstance(factor, bool)
+                or not isinstance(factor, int | float)
+            ):
+                raise ValueError(f"lr_scale: expected parameter-name prefix -> number, got {prefix!r}: {factor!r}")
+            if not factor > 0:
+                raise ValueError(f"lr_scale[{prefix!r}]: must be > 0, got {factor}")
         if len(self.betas) != 2:
             raise ValueError(f"betas: expected two numbers, got {self.betas}")
 

@@ -203,7 +203,7 @@ class Trainer:
         self.total_steps = s.max_steps or self.steps_per_epoch * s.epochs
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, s.weight_decay),
+            param_groups(self.model, s.weight_decay, lr=s.lr, lr_scale=s.lr_scale),
             lr=s.lr,
             betas=tuple(s.betas),
             fused=self.device.type == "cuda",
