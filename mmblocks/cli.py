@@ -7,6 +7,7 @@ mmblocks shards write --modality image|points|audio|video --from-folder DIR | --
 mmblocks shards make digits|textures|meshes|keywords|moving-digits --out DIR [--seed S] [--set KEY=VALUE ...]
 mmblocks demo [--quick]
 mmblocks blocks families | show SOURCE [--layers ...] [--no-controls]
+mmblocks blocks analyze [SOURCE] --checkpoint RUN [--data SHARDS] | maps RUN [RUN ...] [--data SHARDS]
 mmblocks reference [--write README.md]
 """
 
@@ -100,6 +101,36 @@ def _cmd_study(args: argparse.Namespace) -> int:
     data = run_study(spec, dry_run=args.dry_run)
     failed = sum(len(c.get("failed", [])) for c in data.get("groups", []))
     return 1 if failed else 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .inspect_runs import analyze_blocks
+
+    layers = None
+    if args.layers:
+        try:
+            layers = list(_parse_layers(args.layers))
+        except ValueError as err:
+            raise ConfigError(f"--layers {args.layers!r}: expected '-1', '3,5' or '10:14' ({err})") from None
+    analyze_blocks(
+        args.checkpoint,
+        args.source,
+        data=args.data,
+        layers=layers,
+        split=args.split,
+        samples=args.samples,
+        out=args.out,
+    )
+    return 0
+
+
+def _cmd_maps(args: argparse.Namespace) -> int:
+    from .inspect_runs import activation_maps
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    activation_maps(args.runs, names, data=args.data, split=args.split, samples=args.samples, out=args.out)
+    return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -247,6 +278,14 @@ def _print_control_updates(source: str, layers: list[int] | range, wiring: dict[
 
 
 # ----------------------------------------------------------------------------------------------- parser
+def _run_data_arguments(parser: argparse.ArgumentParser, out_default: str | None, out_help: str) -> None:
+    """--data / --split / --samples / --out of the commands that look inside trained runs."""
+    parser.add_argument("--data", help="shards folder (default: the run's data.root)")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--samples", type=int, default=256, help="samples to run through (default 256)")
+    parser.add_argument("--out", default=out_default, help=out_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; every choice list is the constant or registry the code uses."""
     from .data import MODALITY_KEYS, list_datasets
@@ -371,6 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
     fam.add_argument("--markdown", action="store_true", help="print the README family table")
     fam.add_argument("model_types", nargs="*", help="only these model types (default: every causal-LM architecture)")
     fam.set_defaults(func=_cmd_families)
+    an = bsub.add_parser(
+        "analyze", help="every layer of an LLM on a trained run's real tokens: Block Influence, update RMS, CKA"
+    )
+    an.add_argument("source", nargs="?", help="the LLM whose layers to scan (default: the run's)")
+    an.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint) with an LLM stage")
+    an.add_argument("--layers", help="'10:20' or '-1,-4,-8' (default: all; write --layers=-1,-4)")
+    _run_data_arguments(an, None, "folder for blocks.md / .json / .png (default: <run>/analysis)")
+    an.set_defaults(func=_cmd_analyze)
+    mp = bsub.add_parser(
+        "maps", help="token-norm maps before / after the LLM stage of runs, and their foreground AUC (images)"
+    )
+    mp.add_argument("runs", nargs="+", help="run folders (e.g. the baseline, frozen and control arms of a study)")
+    mp.add_argument("--names", help="comma-separated names for the runs (default: their folder names)")
+    _run_data_arguments(mp, "runs/activation_maps", "folder for maps.md / .json / .png")
+    mp.set_defaults(func=_cmd_maps)
     show = bsub.add_parser("show", help="load layers from a source and print them with their parameter table")
     show.add_argument("source", help="model folder, .gguf file, offline name (smollm2-135m) or random:<family>")
     show.add_argument("--layers", default="-1", help="'-1', '3,5' or '10:14' (default: -1)")

@@ -52,12 +52,12 @@ def _without_final_norm(blocks: LLMBlocks) -> Iterator[None]:
 
 
 @torch.no_grad()
-def layer_outputs(blocks: LLMBlocks, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def layer_outputs(blocks: LLMBlocks, x: torch.Tensor | Tokens, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The residual stream after the layers of `blocks`, before its final norm, in eval mode.
 
     Args:
-        x: ``[B, N, D]`` input hidden states.
-        mask: ``[B, N]`` bool, True on real tokens (None: all real).
+        x: ``[B, N, D]`` input hidden states, or `Tokens` (their positions feed a 2-D / 3-D rotary).
+        mask: ``[B, N]`` bool, True on real tokens (None: all real; `Tokens` carry their own).
     Returns:
         ``[B, N, D]`` float32.
     """
@@ -65,7 +65,7 @@ def layer_outputs(blocks: LLMBlocks, x: torch.Tensor, mask: torch.Tensor | None 
     blocks.eval()
     try:
         with _without_final_norm(blocks):
-            inp = Tokens(x=x, mask=mask) if mask is not None else x
+            inp = x if isinstance(x, Tokens) else Tokens(x=x, mask=mask) if mask is not None else x
             out = blocks(inp)
     finally:
         blocks.train(was)
