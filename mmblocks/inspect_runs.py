@@ -73,7 +73,7 @@ def analyze_blocks(
     source = source or llm["source"]
     wiring = {k: llm[k] for k in ("attention", "rope", "final_norm")}
     rows = scan_layers(source, captured.tokens["llm_in"], captured.pooled, layers, **wiring)
-    first = rank_layers(rows)
+    first, why = rank_layers(rows)
     out_dir = Path(out) if out is not None else Path(run) / "analysis"
     n_layers = int(resolve_source(source).config.num_hidden_layers)
     used = [int(i) % n_layers for i in llm["layers"]] if source == llm["source"] else []
@@ -82,25 +82,28 @@ def analyze_blocks(
         f"# Layers of {source} on the tokens of {run}",
         "",
         f"{captured.tokens['llm_in'].x.shape[0]} samples of `{split}`; the run used layer(s) {used or '-'}. "
-        f"CKA of the stage's input with the final features: {rows[0]['cka_input']:.3f}.",
+        f"Input RMS {float(captured.tokens['llm_in'].x.pow(2).mean().sqrt()):.3g}. CKA of the stage's input with the "
+        f"final features: {rows[0]['cka_stage_final']:.3f}. CKA(output, final) favours the layer the run was "
+        "trained with (its output is what the final features are made of).",
         "",
-        "| layer | Block Influence | update RMS | CKA(output, final) |",
-        "|---|---|---|---|",
+        "| layer | Block Influence | update RMS | CKA(output, input) | CKA(output, final) |",
+        "|---|---|---|---|---|",
     ]
     for r in rows:
         mark = " (used)" if r["layer"] in used else ""
         lines.append(
-            f"| {r['layer']}{mark} | {r['block_influence']:.4f} | {r['update_rms']:.4g} | {r['cka_final']:.4f} |"
+            f"| {r['layer']}{mark} | {r['block_influence']:.4f} | {r['update_rms']:.4g} | {r['cka_input']:.4f} | "
+            f"{r['cka_final']:.4f} |"
         )
     lines += [
         "",
-        f"Layers to try first: {first} (update RMS <= 1, then highest CKA with the final features).",
+        f"Layers to try first: {first} ({why}).",
         "",
         f"![layers]({png.name})",
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "blocks.md").write_text("\n".join(lines) + "\n")
-    result = {"source": source, "split": split, "rows": rows, "try_first": first, "used": used}
+    result = {"source": source, "split": split, "rows": rows, "try_first": first, "why": why, "used": used}
     (out_dir / "blocks.json").write_text(json.dumps(result, indent=1))
     print("\n".join(lines))
     return result

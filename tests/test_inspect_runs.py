@@ -53,8 +53,11 @@ def test_scan_layers_measures_each_layer(tiny_checkpoint):
         assert row["update_rms"] == pytest.approx(update_rms(blocks, tokens.x), rel=1e-5)
         assert row["block_influence"] == pytest.approx(block_influence(tokens.x, y), rel=1e-5)
         assert row["cka_final"] == pytest.approx(linear_cka(y.mean(1), final), rel=1e-5)
-    ranked = rank_layers([{**rows[0], "update_rms": 5.0, "cka_final": 0.9}, {**rows[1], "update_rms": 0.5}])
+        assert row["cka_input"] == pytest.approx(linear_cka(y.mean(1), tokens.x.mean(1)), rel=1e-5)
+    ranked, _ = rank_layers([{**rows[0], "update_rms": 5.0, "cka_input": 0.9}, {**rows[1], "update_rms": 0.5}])
     assert ranked == [3]  # a layer that swamps its input is tried last
+    ranked, why = rank_layers([{**rows[0], "update_rms": 5.0}, {**rows[1], "update_rms": 3.0}])
+    assert ranked == [3, 0] and "init_rms" in why
 
 
 @pytest.mark.slow
@@ -75,7 +78,7 @@ def test_analyze_and_maps_on_a_trained_digits_run(tmp_path, small_datasets):
     args = ["blocks", "maps", str(base), str(frozen), "--names", "baseline,frozen", "--samples", "40"]
     assert main([*args, "--out", str(out)]) == 0
     text = (out / "maps.md").read_text()
-    assert "| baseline | — |" in text and "| frozen | 0." in text
+    assert "| baseline | — | 0." in text and "| frozen | 0." in text  # a baseline has no "before"
     assert (out / "maps.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         main(["blocks", "analyze"])  # --checkpoint is required

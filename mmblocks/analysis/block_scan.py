@@ -44,14 +44,17 @@ def scan_layers(
     against `final` (``[M, d]``, the encoder's pooled final features).
 
     ``wiring``: `load_blocks` options (attention, rope, final_norm) as in the run. Returns one row per layer:
-    ``layer``, ``block_influence``, ``update_rms``, ``cka_final`` (the layer's pooled output vs `final`) and, once,
-    ``cka_input`` (the stage's pooled input vs `final`, for reference).
+    ``layer``, ``block_influence``, ``update_rms``, ``cka_final`` (the layer's pooled output vs `final`; for the
+    layer the run was trained with this is high by construction, since `final` is computed from it),
+    ``cka_input`` (the layer's pooled output vs its pooled input: how much of the encoder's information it keeps)
+    and ``cka_stage_final`` (the stage's pooled input vs `final`, the same in every row, for reference).
     """
     first = load_blocks(source, [0], **wiring)
     n_layers = int(first.config.num_hidden_layers)
     indices = list(range(n_layers)) if layers is None else [i % n_layers for i in layers]
     x, mask = tokens.x.float(), tokens.mask
-    cka_input = linear_cka(_pool(x, mask), final)
+    pooled_in = _pool(x, mask)
+    cka_stage_final = linear_cka(pooled_in, final)
     rows = []
     for index in indices:
         blocks = first if index == 0 else load_blocks(source, [index], **wiring)
@@ -68,7 +71,8 @@ def scan_layers(
                 "block_influence": block_influence(x, y, mask),
                 "update_rms": float(diff.norm() / inp.norm().clamp_min(1e-12)),
                 "cka_final": linear_cka(_pool(y, mask), final),
-                "cka_input": cka_input,
+                "cka_input": linear_cka(_pool(y, mask), pooled_in),
+                "cka_stage_final": cka_stage_final,
             }
         )
     return rows
@@ -86,11 +90,21 @@ def _rows(tokens: Tokens, start: int, stop: int) -> Tokens:
     )
 
 
-def rank_layers(rows: Sequence[dict[str, float]], top: int = 3) -> list[int]:
-    """The layers to try first: those that refine rather than replace their input (update RMS <= 1), by CKA with the
-    final features, highest first (all layers by CKA when none refines)."""
-    refining = [r for r in rows if r["update_rms"] <= 1.0] or list(rows)
-    return [int(r["layer"]) for r in sorted(refining, key=lambda r: -r["cka_final"])[:top]]
+def rank_layers(rows: Sequence[dict[str, float]], top: int = 3) -> tuple[list[int], str]:
+    """The layers to try first, and why: among the layers that refine rather than replace their input (update RMS
+    <= 1), those that keep most of it (CKA with the input), highest first; when every layer replaces its input, the
+    smallest updates first (and the input's scale is the thing to fix: ``model.adapter_in.init_rms``)."""
+    refining = [r for r in rows if r["update_rms"] <= 1.0]
+    if refining:
+        chosen = sorted(refining, key=lambda r: -r["cka_input"])[:top]
+        why = "update RMS <= 1, then the highest CKA with the stage's input"
+    else:
+        chosen = sorted(rows, key=lambda r: r["update_rms"])[:top]
+        why = (
+            "every layer's update is larger than its input on these tokens, so the smallest updates; the input is "
+            "far below the scale the LLM was trained on (model.adapter_in.init_rms: text)"
+        )
+    return [int(r["layer"]) for r in chosen], why
 
 
 def plot_layer_scan(
@@ -104,15 +118,17 @@ def plot_layer_scan(
     for ax, key, label in (
         (axes[0], "block_influence", "Block Influence 1 - cos(in, out)"),
         (axes[1], "update_rms", "update RMS ||out - in|| / ||in||"),
-        (axes[2], "cka_final", "linear CKA(layer output, final features)"),
+        (axes[2], "cka_input", "linear CKA of the layer output"),
     ):
-        ax.plot(layers, [r[key] for r in rows], marker="o", ms=3)
+        ax.plot(
+            layers, [r[key] for r in rows], marker="o", ms=3, label="with its input" if key == "cka_input" else None
+        )
         for u in used:
             ax.axvline(u, color="C3", ls="--", lw=1)
         ax.set(title=label, xlabel="layer")
     axes[1].set_yscale("log")
     axes[1].axhline(1.0, color="grey", lw=0.8)
-    axes[2].axhline(rows[0]["cka_input"], color="grey", lw=0.8, ls=":", label="stage input")
+    axes[2].plot(layers, [r["cka_final"] for r in rows], marker="o", ms=3, label="with the final features")
     axes[2].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -91,6 +91,10 @@ def capture_encoder(model: nn.Module, batches: Iterable[Any], max_samples: int =
     if not pooled:
         raise ValueError("capture_encoder: the loader gave no batch")
     tokens_out = {name: _cat(parts) for name, parts in got.items() if parts}
+    final = tokens_out["final"]
+    for name, t in tokens_out.items():  # a bare tensor (a norm's input) has the final tokens' layout
+        if t.grid is None and t.x.shape[:2] == final.x.shape[:2]:
+            tokens_out[name] = dataclasses.replace(final, x=t.x, mask=final.mask, pos=final.pos)
     n = min(seen, max_samples)
     tokens_out = {k: _slice(v, n) for k, v in tokens_out.items()}
     return Captured(
