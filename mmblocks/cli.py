@@ -99,8 +99,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         out=args.out,
     )
     data = run_study(spec, dry_run=args.dry_run)
-    failed = sum(len(c.get("failed", [])) for c in data.get("groups", []))
-    return 1 if failed else 0
+    return 1 if any(g["failed"] for g in data.get("groups", [])) else 0
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -187,8 +186,8 @@ def _cmd_shards_make(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(quick=args.quick, out=args.out, epochs=args.epochs)
-    return 0
+    data = run_demo(quick=args.quick, out=args.out, epochs=args.epochs, seeds=args.seeds, jobs=args.jobs)
+    return 1 if any(g["failed"] for g in data["groups"]) else 0
 
 
 def _cmd_blocks_demo(args: argparse.Namespace) -> int:
@@ -387,7 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mk.set_defaults(func=_cmd_shards_make)
 
-    demo = sub.add_parser("demo", help="train baseline / +frozen SmolLM2 block / +random block on textures")
+    demo = sub.add_parser(
+        "demo", help="baseline / + frozen SmolLM2 block / + shuffled block on textures, paired by seed (a small study)"
+    )
+    demo.add_argument("--seeds", type=int, default=1, help="seeds per arm (default 1: says plainly it cannot decide)")
+    demo.add_argument("--jobs", type=int, default=1, help="runs side by side")
     demo.add_argument("--quick", action="store_true", help="tiny settings (seconds; for tests)")
     demo.add_argument("--out", default="runs/demo", help="where runs and the comparison go")
     demo.add_argument("--epochs", type=int, default=3, help="epochs per arm (default 3: a few minutes each on CPU)")

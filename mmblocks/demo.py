@@ -1,8 +1,10 @@
 """Demos.
 
-`mmblocks demo` (`run_demo`): the center paper's experiment on offline data — a ViT trained from scratch on the
-`textures` shards, three arms (baseline, + the frozen last block of SmolLM2-135M, + the same block re-initialised
-and frozen), a table of test accuracy per arm and a comparison report.
+`mmblocks demo` (`run_demo`): the center paper's experiment on offline data as a small `mmblocks study`: a ViT
+trained from scratch on the `textures` shards with three arms (baseline, + the frozen last block of SmolLM2-135M,
++ the same block with its weights shuffled: the same scale, no learned structure), paired by seed, with the
+difference of each arm from the baseline, its 95% interval when there are several seeds, and a sentence saying
+whether it decides anything.
 
 `mmblocks blocks demo` (`run_blocks_demo`): one real SmolLM2 block on its own, with the parameter table of every
 tuning mode.
@@ -10,9 +12,9 @@ tuning mode.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,15 +22,12 @@ from torch import nn
 from tokenizers_mm import Tokens
 
 from .llm import TUNE_MODES, load_blocks
+from .study import ARMS, StudySpec, run_study
 
-__all__ = ["run_demo", "run_blocks_demo", "DEMO_ARMS"]
+__all__ = ["DEMO_ARMS", "DEMO_RECIPE", "run_blocks_demo", "run_demo"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "image"
-DEMO_ARMS = (
-    ("baseline", "textures_vit_tiny.yaml"),
-    ("+ frozen SmolLM2 block", "textures_vit_tiny_smollm2.yaml"),
-    ("+ random-init block", "textures_vit_tiny_smollm2_random.yaml"),
-)
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "image" / "textures_vit_tiny_smollm2.yaml"
+DEMO_ARMS = ("baseline", "frozen", "shuffled")
 QUICK_OVERRIDES = (
     "data.dataset=digits",
     "data.channels=1",
@@ -40,7 +39,6 @@ QUICK_OVERRIDES = (
     "train.max_steps=2",
     "train.epochs=1",
     "train.tensorboard=false",
-    "train.progress=false",
     "data.num_workers=0",
 )
 
@@ -48,61 +46,38 @@ QUICK_OVERRIDES = (
 DEMO_EPOCHS = 3  # a few minutes per arm on 2 CPU cores; the configs themselves train 15 epochs
 
 
-def run_demo(quick: bool = False, out: str | Path = "runs/demo", epochs: int | None = DEMO_EPOCHS) -> list[dict]:
-    """Train the three arms of `DEMO_ARMS` and print a table of their test accuracy; returns the summaries.
+def run_demo(
+    quick: bool = False,
+    out: str | Path = "runs/demo",
+    epochs: int | None = DEMO_EPOCHS,
+    seeds: int = 1,
+    jobs: int = 1,
+) -> dict[str, Any]:
+    """Train the arms of `DEMO_ARMS` for `seeds` seeds and report them as a study (`run_study`; ``<out>/study.md``);
+    returns the study's data.
 
     ``quick`` trains two steps of a one-block ViT on `digits` per arm (for tests); ``epochs`` overrides the
-    configs' epoch count.
+    configs' epoch count. One seed cannot decide a difference of a point or two, and the report says so.
     """
-    from .recipes import train
-    from .train import compare_runs_table
-
+    if not DEMO_RECIPE.is_file():
+        raise FileNotFoundError(f"demo config {DEMO_RECIPE} not found (the demo runs from a source checkout)")
     out = Path(out)
     data_root = out / "data" / ("digits" if quick else "textures")
-    rows = []
-    for arm, config in DEMO_ARMS:
-        path = CONFIG_DIR / config
-        if not path.is_file():
-            raise FileNotFoundError(f"demo config {path} not found (the demo runs from a source checkout)")
-        overrides = [f"data.root={data_root}", f"train.out_dir={out / path.stem}", f"name={path.stem}"]
-        if quick:
-            overrides += list(QUICK_OVERRIDES)
-        if epochs is not None:
-            overrides.append(f"train.epochs={epochs}")
-        print(f"\n=== {arm}: {path.name} ===")
-        summary = train(path, overrides, overwrite=True)  # a rerun moves the previous demo run aside
-        test = summary.get("test") or {}
-        rows.append(
-            {
-                "arm": arm,
-                "config": path.name,
-                "test_acc": test.get("acc"),
-                "best_val_acc": summary["best_val"].get("val_acc"),
-                "trainable": summary["trainable_params"],
-                "frozen": summary["frozen_params"],
-                "samples_per_s": summary["throughput"].get("samples_per_s"),
-                "minutes": summary["seconds"] / 60,
-                "report": str(out / path.stem / "report" / "report.md"),
-            }
-        )
-    columns = [
-        ("arm", "arm"),
-        ("test_acc", "test acc"),
-        ("best_val_acc", "best val acc"),
-        ("trainable", "trainable params"),
-        ("frozen", "frozen params"),
-        ("samples_per_s", "samples/s"),
-        ("minutes", "minutes"),
-    ]
-    table = compare_runs_table(rows, columns, best={"test_acc": "max"})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(
-        f"# mmblocks demo: {data_root.name}\n\n{table}\n\nReports:\n"
-        + "".join(f"- {r['arm']}: {r['report']}\n" for r in rows)
+    overrides = [f"data.root={data_root}", "train.progress=false"]
+    if quick:
+        overrides += list(QUICK_OVERRIDES)
+    if epochs is not None:
+        overrides.append(f"train.epochs={epochs}")
+    spec = StudySpec(
+        recipes=[DEMO_RECIPE],
+        arms={arm: ARMS[arm] for arm in DEMO_ARMS},
+        seeds=list(range(seeds)),
+        reference="baseline",
+        overrides=overrides,
+        jobs=jobs,
+        out=out,
     )
-    (out / "comparison.json").write_text(json.dumps(rows, indent=1))
-    print(f"\n{table}\n\ncomparison: {out / 'comparison.md'}; per-arm reports under {out}/<config>/report/")
-    return rows
+    return run_study(spec)
 
 
 def run_blocks_demo(

@@ -185,10 +185,15 @@ def test_ddp_two_cpu_processes(tmp_path, digits_root):
 
 
 def test_demo_quick(tmp_path):
-    rows = __import__("mmblocks.demo", fromlist=["run_demo"]).run_demo(quick=True, out=tmp_path / "demo")
-    assert [r["arm"] for r in rows] == ["baseline", "+ frozen SmolLM2 block", "+ random-init block"]
-    assert rows[0]["frozen"] == 0 and rows[1]["frozen"] == rows[2]["frozen"] > 0
-    assert (tmp_path / "demo" / "comparison.md").read_text().count("|") > 10
+    data = __import__("mmblocks.demo", fromlist=["run_demo"]).run_demo(quick=True, out=tmp_path / "demo")
+    group = data["groups"][0]
+    assert [r["arm"] for r in group["arms"]] == ["baseline", "frozen", "shuffled"]
+    assert not group["failed"]
+    assert all("one seed has no interval, so it cannot decide" in s for s in group["sentences"])
+    runs = tmp_path / "demo" / "runs" / "textures_vit_tiny_smollm2" / "default"
+    summaries = {arm: json.loads((runs / arm / "seed0" / "summary.json").read_text()) for arm in ("baseline", "frozen")}
+    assert summaries["baseline"]["frozen_params"] == 0 and summaries["frozen"]["frozen_params"] > 0
+    assert (tmp_path / "demo" / "study.md").read_text().count("|") > 10
 
 
 def test_config_errors_from_the_cli(capsys):
