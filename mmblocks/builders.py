@@ -136,6 +136,15 @@ def build_llm_stage(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], wi
         with config_errors(f"model.{key}"):
             stage.append(create_adapter(model_cfg[key]["name"], d_in, d_out, **model_cfg[key]["kwargs"]))
     init_rms = model_cfg["adapter_in"].get("init_rms")
+    if init_rms is not None:
+        init = model_cfg.get("init") or {}
+        if init.get("checkpoint") is not None and "llm_stage" in (init.get("stages") or ()):
+            raise ConfigError(
+                "model.adapter_in.init_rms rescales adapter_in on the first batch, but model.init loads a trained "
+                "llm_stage from a checkpoint: drop init_rms, or llm_stage from model.init.stages"
+            )
+        if "llm_stage" in (model_cfg.get("freeze") or ()):
+            raise ConfigError("model.adapter_in.init_rms needs a trained adapter_in, but model.freeze holds llm_stage")
     if isinstance(init_rms, str):
         if init_rms != "text":
             raise ConfigError(f"model.adapter_in.init_rms: expected a number, 'text' or null, got {init_rms!r}")

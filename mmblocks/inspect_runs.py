@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .analysis.activation_maps import foreground_auc, patch_foreground, plot_activation_maps, token_norm_maps
 from .analysis.block_scan import plot_layer_scan, rank_layers, scan_layers
 from .analysis.capture import Captured, capture_encoder
@@ -132,6 +134,8 @@ def activation_maps(
             raise ConfigError(
                 f"{run}: activation maps need images [B, C, H, W], got inputs {tuple(captured.inputs.shape)}"
             )
+        if images is not None and not torch.equal(images, captured.inputs):
+            raise ConfigError(f"{run} saw other images than {runs[0]}: compare runs on the same data and split")
         images = captured.inputs if images is None else images
         row, maps = {}, {}
         for place in ("before", "after", "final"):

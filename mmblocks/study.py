@@ -89,6 +89,7 @@ class Cell:
     overrides: list[str]
     run_dir: Path
     recipe_path: Path
+    identity: str = ""  # hash of the resolved config: what makes two cells one run
     status: str = "pending"  # pending, done, failed
     summary: dict[str, Any] | None = None
 
@@ -235,13 +236,28 @@ def _identity(recipe: Path, overrides: list[str]) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _recipe_labels(recipes: Sequence[Path]) -> dict[Path, str]:
+    """A name per recipe for folders and report sections: its stem, or ``<parent>-<stem>`` where stems repeat."""
+    stems = [r.stem for r in recipes]
+    labels = {r: r.stem if stems.count(r.stem) == 1 else f"{r.resolve().parent.name}-{r.stem}" for r in recipes}
+    if len(set(labels.values())) < len(set(recipes)):
+        raise ConfigError(f"study recipes {[str(r) for r in recipes]} cannot be told apart by name; rename one")
+    return labels
+
+
 def plan_study(spec: StudySpec) -> list[Cell]:
     """Every cell of the grid, with its run folder (``<out>/runs/<recipe>/<sweep point>/<arm>/seed<k>``); cells whose
     configs are the same share the first one's folder. Each config is validated here, before anything runs."""
     keys = list(spec.sweep)
     points = [dict(zip(keys, values)) for values in itertools.product(*(spec.sweep[k] for k in keys))] or [{}]
+    labels = _recipe_labels(spec.recipes)
+    folders = [_folder(_tag(p)) for p in points]
+    clashes = sorted({f for f in folders if folders.count(f) > 1})
+    if clashes:
+        raise ConfigError(f"sweep points {clashes} would share a folder name; give the swept values distinct spellings")
     cells, seen = [], {}
     for recipe in spec.recipes:
+        label = labels[recipe]
         for point in points:
             tag = _tag(point)
             for arm, arm_overrides in spec.arms.items():
@@ -256,10 +272,8 @@ def plan_study(spec: StudySpec) -> list[Cell]:
                         ident = _identity(recipe, overrides)
                     except ConfigError as err:
                         raise ConfigError(f"study {recipe.stem} / {tag} / {arm} / seed {seed}: {err}") from err
-                    run_dir = seen.setdefault(
-                        ident, spec.out / "runs" / recipe.stem / _folder(tag) / arm / f"seed{seed}"
-                    )
-                    cells.append(Cell(recipe.stem, tag, arm, seed, overrides, run_dir, recipe))
+                    run_dir = seen.setdefault(ident, spec.out / "runs" / label / _folder(tag) / arm / f"seed{seed}")
+                    cells.append(Cell(label, tag, arm, seed, overrides, run_dir, recipe, ident))
     return cells
 
 
@@ -279,17 +293,20 @@ def _marker(cell: Cell) -> Path:
 
 
 def _state(cell: Cell) -> str:
-    """``done`` (a summary made by the same command), ``resume`` (a checkpoint of it), ``fresh``; a run folder made
-    by another command is an error, never silently reused."""
+    """``done`` (a summary made with the same resolved config), ``resume`` (a checkpoint of it), ``fresh``; a run
+    folder made with another config (another command, an edited recipe, changed defaults) is an error, never
+    silently reused."""
     marker = _marker(cell)
     if marker.is_file():
-        made = json.loads(marker.read_text()).get("command")
-        now = _command(cell)
-        if made != now:
-            was, asks = [a for a in made if a not in now], [a for a in now if a not in made]
+        made = json.loads(marker.read_text())
+        same = made["identity"] == cell.identity if "identity" in made else made.get("command") == _command(cell)
+        if not same:
+            before, now = made.get("command") or [], _command(cell)
+            was, asks = [a for a in before if a not in now], [a for a in now if a not in before]
+            diff = f" (it had {was}, the study now asks for {asks})" if was or asks else " (the recipe file changed)"
             raise ConfigError(
-                f"{cell.run_dir} holds a run made by another command (it had {was or 'another order'}, the study now "
-                f"asks for {asks or 'another order'}); use a new --out, or remove that folder to run it again"
+                f"{cell.run_dir} holds a run made with another config{diff}; use a new --out, or remove that folder "
+                "to run it again"
             )
         if (cell.run_dir / "summary.json").is_file():
             return "done"
@@ -302,7 +319,7 @@ def _run_one(cell: Cell, threads: int) -> Cell:
     state = _state(cell)
     if state != "done":
         cell.run_dir.parent.mkdir(parents=True, exist_ok=True)
-        _marker(cell).write_text(json.dumps({"command": _command(cell)}, indent=1))
+        _marker(cell).write_text(json.dumps({"identity": cell.identity, "command": _command(cell)}, indent=1))
         flag = "--resume" if state == "resume" else "--overwrite"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         log = cell.run_dir.parent / f"{cell.run_dir.name}.log"
@@ -320,6 +337,19 @@ def _run_one(cell: Cell, threads: int) -> Cell:
     cell.status = "done"
     cell.summary = json.loads((cell.run_dir / "summary.json").read_text())
     return cell
+
+
+def _make_datasets(cells: Sequence[Cell]) -> None:
+    """Make each missing offline dataset the cells train on, once, in this process."""
+    from .recipes import ensure_dataset
+    from .train import init_distributed
+
+    done: set[str] = set()
+    for cell in cells:
+        data = load_config(cell.recipe_path, cell.overrides)["data"]
+        if str(data["root"]) not in done:
+            done.add(str(data["root"]))
+            ensure_dataset(data, init_distributed("cpu"))
 
 
 def run_study(spec: StudySpec, *, dry_run: bool = False) -> dict[str, Any]:
@@ -342,6 +372,7 @@ def run_study(spec: StudySpec, *, dry_run: bool = False) -> dict[str, Any]:
         for cell in todo:
             print("mmblocks train " + " ".join(_command(cell)))
         return {"cells": len(cells), "runs": len(unique), "todo": len(todo)}
+    _make_datasets(todo)  # before the pool: K processes must not all write one missing dataset
     threads = max(1, (os.cpu_count() or 1) // spec.jobs)
     with ThreadPoolExecutor(max_workers=spec.jobs) as pool:
         done = {
@@ -434,8 +465,15 @@ def _sentence(arm: str, ref: str, d: Mapping[str, Any], mode: str, scale: float,
     head = f"{arm} - {ref} ({where}): {d['mean'] * scale:+.2f}{unit}"
     if d["n"] < 2:
         return f"{head} on one seed: one seed has no interval, so it cannot decide."
-    lo, hi = (v * scale for v in d["ci"])
     better = "higher" if mode == "max" else "lower"
+    if d["std"] == 0:
+        return (
+            f"{head} in all {d['n']} paired seeds: no spread, so no t interval; the sign test gives p = "
+            f"{d['sign_p']:.3g}, which with {d['n']} seeds cannot decide on its own."
+            if d["sign_p"] > 0.05
+            else f"{head} in all {d['n']} paired seeds (no spread; sign test p = {d['sign_p']:.3g})."
+        )
+    lo, hi = (v * scale for v in d["ci"])
     stats = (
         f" (95% CI {lo:+.2f} to {hi:+.2f}; {d['n']} paired seeds, {d['positive']} positive, {d['negative']} "
         f"negative; sign test p = {d['sign_p']:.3g})"
@@ -493,21 +531,23 @@ def _curves(cells: Sequence[Cell], path: Path, metric: str) -> Path | None:
 def write_study_report(spec: StudySpec, cells: Sequence[Cell]) -> dict[str, Any]:
     """``<out>/study.md`` (per-arm mean ± std, paired differences against the reference with their intervals, sign
     tests and a sentence each, learning curves) and ``<out>/study.json``; returns the data."""
-    metric, mode = _metric_of(cells, spec.metric)
     groups: dict[tuple[str, str], list[Cell]] = {}
     for cell in cells:
         groups.setdefault((cell.recipe, cell.point), []).append(cell)
     lines = [
         f"# Study: {', '.join(r.stem for r in spec.recipes)}",
         "",
-        f"Metric: test `{metric}` ({'higher' if mode == 'max' else 'lower'} is better). Arms are paired by seed "
-        "(the same data order and the same initialisation of every shared part); differences are arm - "
-        f"`{spec.reference}`, with a 95% t interval of the mean paired difference and an exact two-sided sign test.",
+        "Arms are paired by seed (the same data order and the same initialisation of every shared part); differences "
+        f"are arm - `{spec.reference}`, with a 95% t interval of the mean paired difference and an exact two-sided "
+        "sign test (with 5 seeds or fewer its p-value cannot go below 0.0625).",
         "",
         f"Seeds: {spec.seeds}. Common overrides: {' '.join(spec.overrides) or 'none'}.",
     ]
-    data: dict[str, Any] = {"metric": metric, "mode": mode, "reference": spec.reference, "groups": []}
+    data: dict[str, Any] = {"reference": spec.reference, "groups": []}
     for (recipe, point), group in groups.items():
+        metric, mode = _metric_of(group, spec.metric)
+        data.setdefault("metric", metric)
+        data.setdefault("mode", mode)
         values = {arm: {} for arm in spec.arms}
         for cell in group:
             v = _value(cell, metric)
@@ -515,7 +555,9 @@ def write_study_report(spec: StudySpec, cells: Sequence[Cell]) -> dict[str, Any]
                 values[cell.arm][cell.seed] = v
         scale, unit = _fmt_scale([v for per in values.values() for v in per.values()])
         where = recipe if point == "default" else f"{recipe}, {point}"
-        lines += ["", f"## {where}", "", f"| arm | seeds | test {metric} mean ± std | per seed |", "|---|---|---|---|"]
+        better = "higher" if mode == "max" else "lower"
+        lines += ["", f"## {where}", "", f"Metric: test `{metric}` ({better} is better).", ""]
+        lines += [f"| arm | seeds | test {metric} mean ± std | per seed |", "|---|---|---|---|"]
         rows = []
         for arm, per in values.items():
             if per:
@@ -555,6 +597,8 @@ def write_study_report(spec: StudySpec, cells: Sequence[Cell]) -> dict[str, Any]
             {
                 "recipe": recipe,
                 "point": point,
+                "metric": metric,
+                "mode": mode,
                 "arms": rows,
                 "comparisons": comparisons,
                 "sentences": sentences,

@@ -95,3 +95,27 @@ def test_init_rms_text_needs_pretrained_weights(tmp_path, small_datasets):
                 *short_run(small_datasets("digits"), tmp_path),
             ],
         )
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"init": {"checkpoint": "some/run", "stages": ["backbone", "llm_stage"]}}, "model.init loads a trained"),
+        ({"freeze": ["llm_stage"]}, "model.freeze holds llm_stage"),
+    ],
+)
+def test_init_rms_refuses_an_adapter_it_must_not_rescale(extra, match):
+    from mmblocks.builders import build_encoder
+
+    cfg = {
+        "model": {
+            "backbone": {"name": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "depth": 1},
+            "llm": {"enabled": True, "source": "smollm2-135m"},
+            "adapter_in": {"name": "linear", "init_rms": 3.0},
+            "num_classes": 10,
+            **extra,
+        },
+        "data": {"channels": 1},
+    }
+    with pytest.raises(ConfigError, match=match):
+        build_encoder(cfg, verbose=False)

@@ -117,7 +117,10 @@ def test_update_rms_is_the_residual_update_before_the_final_norm(tiny_checkpoint
     # masked tokens do not count
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[1, 4:] = False
-    assert update_rms(blocks, x, mask) > 0
+    masked = layer_outputs(blocks, x, mask)
+    want = float((masked[mask] - x[mask]).norm() / x[mask].norm())
+    assert update_rms(blocks, x, mask) == pytest.approx(want, rel=1e-5)
+    assert want != pytest.approx(float((h - x).norm() / x.norm()), rel=1e-3)  # padded tokens do not count
 
 
 def test_block_influence_and_linear_cka_against_references():

@@ -14,7 +14,7 @@ from scipy import stats
 from mmblocks.builders import build_encoder
 from mmblocks.cli import main
 from mmblocks.config import ConfigError
-from mmblocks.study import ARMS, paired_difference, parse_sweep, plan_study, read_study
+from mmblocks.study import ARMS, _sentence, _state, paired_difference, parse_sweep, plan_study, read_study
 from mmblocks.train import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,3 +191,37 @@ def test_shipped_study_files_plan(path, tmp_path):
     assert len(cells) == len(spec.recipes) * len(spec.arms) * len(spec.seeds) * max(
         1, math.prod(len(v) for v in spec.sweep.values())
     )
+
+
+def test_recipes_with_one_stem_get_their_own_runs(tmp_path):
+    for folder, lr in (("a", "1.0e-3"), ("b", "3.0e-4")):
+        (tmp_path / folder).mkdir()
+        text = RECIPE.read_text().replace("lr: 1.0e-3", f"lr: {lr}")
+        (tmp_path / folder / "r.yaml").write_text(text)
+    spec = read_study(tmp_path / "a" / "r.yaml", arms=["frozen"], seeds=1, overrides=QUICK, out=tmp_path / "s")
+    spec.recipes = [tmp_path / "a" / "r.yaml", tmp_path / "b" / "r.yaml"]
+    cells = plan_study(spec)
+    assert len({c.run_dir for c in cells}) == 2 and {c.recipe for c in cells} == {"a-r", "b-r"}
+
+
+def test_an_edited_recipe_is_not_reused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.read_text())
+    spec = read_study(recipe, arms=["frozen"], seeds=1, overrides=QUICK, out=tmp_path / "s")
+    (cell,) = plan_study(spec)
+    cell.run_dir.parent.mkdir(parents=True)
+    (cell.run_dir.parent / f"{cell.run_dir.name}.command.json").write_text(
+        json.dumps({"identity": cell.identity, "command": []})
+    )
+    assert _state(cell) == "fresh"
+    recipe.write_text(RECIPE.read_text().replace("lr: 1.0e-3", "lr: 2.0e-3"))
+    (edited,) = plan_study(spec)
+    with pytest.raises(ConfigError, match="another config"):
+        _state(edited)
+
+
+def test_equal_paired_differences_are_not_called_decisive():
+    d = paired_difference({0: 0.6, 1: 0.7, 2: 0.8}, {0: 0.5, 1: 0.6, 2: 0.7})
+    assert d["std"] == pytest.approx(0.0, abs=1e-12)
+    text = _sentence("frozen", "baseline", {**d, "std": 0.0}, "max", 100.0, " points", "r")
+    assert "no spread" in text and "cannot decide" in text and "excludes zero" not in text

@@ -82,3 +82,8 @@ def test_lr_scale_gives_each_stage_its_learning_rate(tmp_path, small_datasets):
     assert any(n.startswith("llm_stage.adapter_out.") for n in peak) and any(n.startswith("head.") for n in peak)
     with pytest.raises(ValueError, match="match no trainable parameter"):
         build_trainer(RECIPE, [*TINY, *short_run(root, tmp_path / "x"), "train.lr_scale={llm_stage.blocks: 2}"])
+    # a model without that part (the baseline arm of a study that sets lr_scale for all arms) trains as usual
+    base = build_trainer(
+        RECIPE, [*TINY, *short_run(root, tmp_path / "b"), "model.llm.enabled=false", "train.lr_scale={llm_stage: 0.5}"]
+    )
+    assert {g["initial_lr"] for g in base.optimizer.param_groups} == {0.001}

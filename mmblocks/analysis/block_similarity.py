@@ -165,6 +165,7 @@ def text_rms(source: str, layer: int, text: str = REFERENCE_TEXT) -> float:
     return float(table[key])
 
 
+TEXT_ROW_MAX_PARAMS = 2e9  # control_update_rms runs the whole LM for its text row only below this size
 CONTROL_TUNES: tuple[str, ...] = ("frozen", "shuffled", "random_matched", "random")
 
 
@@ -196,7 +197,14 @@ def control_update_rms(
         gauss = torch.randn(4, 32, first.hidden_size, generator=gen)
         inputs = {"gaussian, RMS 1": gauss}
         text = None
-        if resolve_source(source).kind != "random":  # a random:<family> LM has no text worth reading (nor memory)
+        config = resolve_source(source).config
+        size = 12 * int(getattr(config, "num_hidden_layers", 0) or 0) * int(getattr(config, "hidden_size", 0) or 0) ** 2
+        if size > TEXT_ROW_MAX_PARAMS:
+            warnings.warn(
+                f"{source}: about {size / 1e9:.1f}B parameters; the text row (which runs the whole LM) is left out",
+                stacklevel=2,
+            )
+        elif resolve_source(source).kind != "random":  # a random:<family> LM has no text worth reading
             try:
                 text = text_hidden_states(source, first.layer_indices[0])
             except (OSError, ValueError) as err:  # a folder without a tokenizer: the Gaussian rows only

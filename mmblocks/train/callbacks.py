@@ -86,7 +86,7 @@ class CalibrationCallback(Callback):
             return
         for module in trainer.model.modules():
             if getattr(module, "needs_calibration", False) and callable(getattr(module, "calibrate", None)):
-                if trainer.settings.fsdp:
+                if getattr(trainer, "fsdp", False):
                     raise ValueError(
                         f"{type(module).__name__} asks to calibrate its weights on the first batch, which is not "
                         "supported under train.fsdp; calibrate in a single-process run and start from its checkpoint"

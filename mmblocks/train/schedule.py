@@ -168,13 +168,16 @@ def param_groups(
     if not groups:
         raise ValueError("no trainable parameters (all have requires_grad=False)")
     if lr_scale:
-        groups = _scale_groups(groups, lr, lr_scale)
+        groups = _scale_groups(groups, lr, lr_scale, [n for n, _ in named])
     return groups
 
 
-def _scale_groups(groups: list[dict], lr: float | None, lr_scale: Mapping[str, float]) -> list[dict]:
+def _scale_groups(
+    groups: list[dict], lr: float | None, lr_scale: Mapping[str, float], all_names: Sequence[str]
+) -> list[dict]:
     """Split each group by the longest `lr_scale` prefix its parameters' names match; a matched group gets
-    ``lr * factor``. A prefix that matches no trainable parameter is an error (a typo would silently do nothing)."""
+    ``lr * factor``. A prefix that matches no trainable parameter is an error (a typo would silently do nothing),
+    unless the model has no part of that name at all (``llm_stage`` in the baseline arm of a study)."""
     if lr is None:
         raise ValueError("param_groups: lr_scale needs the base lr")
     prefixes = sorted(lr_scale, key=len, reverse=True)
@@ -193,7 +196,8 @@ def _scale_groups(groups: list[dict], lr: float | None, lr_scale: Mapping[str, f
                 used.add(hit)
                 new["lr"] = float(lr) * float(lr_scale[hit])
             out.append(new)
-    unused = sorted(set(lr_scale) - used)
+    roots = {n.split(".", 1)[0] for n in all_names}
+    unused = sorted(q for q in set(lr_scale) - used if q.split(".", 1)[0] in roots)
     if unused:
         raise ValueError(
             f"lr_scale: prefix(es) {unused} match no trainable parameter (names look like 'llm_stage."

@@ -529,6 +529,12 @@ class Trainer:
             cb.on_fit_end(self, summary)
         return summary
 
+    def _base_lr(self) -> float:
+        """The current lr of the groups at ``train.lr`` (not one scaled by ``train.lr_scale``)."""
+        groups = self.optimizer.param_groups
+        base = next((g for g in groups if g.get("initial_lr") == self.settings.lr), groups[0])
+        return float(base["lr"])
+
     def _log_train(
         self,
         running: Mapping[str, torch.Tensor | float],
@@ -540,7 +546,7 @@ class Trainer:
         """Log the mean of the task's metrics over the `n_micro` micro-batches since the last record."""
         record = {k: float(v) / max(n_micro, 1) for k, v in running.items()}
         record.update(
-            lr=self.optimizer.param_groups[0]["lr"],
+            lr=self._base_lr(),
             grad_norm=float(grad_norm),
             epoch=self.epoch,
             **timer.summary(),
