@@ -466,7 +466,7 @@ def _sentence(arm: str, ref: str, d: Mapping[str, Any], mode: str, scale: float,
     if d["n"] < 2:
         return f"{head} on one seed: one seed has no interval, so it cannot decide."
     better = "higher" if mode == "max" else "lower"
-    if d["std"] == 0:
+    if d["std"] <= 1e-9 * max(1.0, abs(d["mean"])):  # equal differences (rounding aside)
         return (
             f"{head} in all {d['n']} paired seeds: no spread, so no t interval; the sign test gives p = "
             f"{d['sign_p']:.3g}, which with {d['n']} seeds cannot decide on its own."

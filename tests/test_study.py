@@ -223,5 +223,5 @@ def test_an_edited_recipe_is_not_reused(tmp_path):
 def test_equal_paired_differences_are_not_called_decisive():
     d = paired_difference({0: 0.6, 1: 0.7, 2: 0.8}, {0: 0.5, 1: 0.6, 2: 0.7})
     assert d["std"] == pytest.approx(0.0, abs=1e-12)
-    text = _sentence("frozen", "baseline", {**d, "std": 0.0}, "max", 100.0, " points", "r")
+    text = _sentence("frozen", "baseline", d, "max", 100.0, " points", "r")
     assert "no spread" in text and "cannot decide" in text and "excludes zero" not in text
