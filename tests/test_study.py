@@ -181,7 +181,7 @@ def test_a_real_study_runs_resumes_and_reports(tmp_path, capsys):
     changed = ["study", str(RECIPE), *QUICK, "train.lr=0.5", f"data.root={data}", "--arms", "frozen", "--seeds", "1"]
     assert main([*changed, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "made by another command" in err and "train.lr=0.5" in err
+    assert "made with another config" in err and "train.lr=0.5" in err
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
