@@ -151,7 +151,13 @@ def build_llm_stage(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], wi
         with config_errors("model.adapter_in.init_rms"):
             init_rms = text_rms(llm_cfg["source"], blocks.layer_indices[0])
         blocks.text_rms = init_rms  # stored with the block
-    return LLMStage(stage[0], blocks, stage[1], adapter_in_rms=None if init_rms is None else float(init_rms))
+    return LLMStage(
+        stage[0],
+        blocks,
+        stage[1],
+        adapter_in_rms=None if init_rms is None else float(init_rms),
+        residual=bool(model_cfg.get("stage_residual", False)),
+    )
 
 
 def _check_stages(stages: Sequence[str]) -> tuple[str, ...]:

@@ -60,7 +60,7 @@ ARMS: dict[str, tuple[str, ...]] = {
 }
 _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # Config keys that mean nothing without an LLM stage: runs that differ only there are one run.
-_LLM_ONLY = ("llm", "adapter_in", "adapter_out", "insert_at")
+_LLM_ONLY = ("llm", "adapter_in", "adapter_out", "insert_at", "stage_residual")
 
 
 @dataclasses.dataclass

@@ -119,3 +119,27 @@ def test_init_rms_refuses_an_adapter_it_must_not_rescale(extra, match):
     }
     with pytest.raises(ConfigError, match=match):
         build_encoder(cfg, verbose=False)
+
+
+def test_a_residual_stage_starts_as_the_baseline_and_learns():
+    """`model.stage_residual`: tokens + stage(tokens) with adapter_out zero-initialised; with the pairing of
+    `build_encoder`, the encoder at init gives exactly its baseline's logits."""
+    from mmblocks.builders import build_encoder
+    from mmblocks.train import seed_everything
+
+    def encoder(llm: bool):
+        seed_everything(3)
+        model = {
+            "backbone": {"name": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "depth": 1},
+            "llm": {"enabled": llm, "source": "smollm2-135m"},
+            "stage_residual": llm,
+            "num_classes": 10,
+        }
+        return build_encoder({"model": model, "data": {"channels": 1}}, verbose=False).eval()
+
+    base, res = encoder(False), encoder(True)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(res(x), base(x))
+    res.train()
+    res(x).square().sum().backward()
+    assert res.llm_stage.adapter_out.proj.weight.grad.abs().sum() > 0

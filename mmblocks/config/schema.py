@@ -162,6 +162,12 @@ _BASE_SCHEMA: Schema = {
             "kwargs": Field({"bias": False}, (dict,), open_mapping=True),
         },
         "insert_at": Field(None, INT, nullable=True, doc="backbone blocks before the LLM stage (default: all)"),
+        "stage_residual": Field(
+            False,
+            BOOL,
+            doc="tokens + LLM stage(tokens), adapter_out zero-initialised: the stage starts as the identity (not the "
+            "center paper's wiring, which has no residual around the stage)",
+        ),
         "head": Component(
             _heads,
             builder_args=("in_dim", "num_classes"),

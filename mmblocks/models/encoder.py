@@ -26,6 +26,9 @@ class LLMStage(nn.Module):
     The center paper's wiring is two bias-free linears around one frozen block, with no residual around the stage.
     ``Tokens [B, N, d] -> [B, N, D_llm] -> [B, N, d]``.
 
+    ``residual``: ``tokens + stage(tokens)`` with ``adapter_out``'s last linear layer zero-initialised, so the stage
+    starts as the identity and the encoder as its baseline (not the center paper's wiring; an option).
+
     ``adapter_in_rms``: when set, `calibrate` rescales ``adapter_in`` on the first training batch so that its output
     has this RMS (e.g. the RMS of the LLM's own hidden states at the block's input, `mmblocks.analysis.text_rms`):
     a pretrained block's residual update is of the size of the states it was trained on, and swamps an input far
@@ -33,12 +36,25 @@ class LLMStage(nn.Module):
     """
 
     def __init__(
-        self, adapter_in: nn.Module, blocks: LLMBlocks, adapter_out: nn.Module, adapter_in_rms: float | None = None
+        self,
+        adapter_in: nn.Module,
+        blocks: LLMBlocks,
+        adapter_out: nn.Module,
+        adapter_in_rms: float | None = None,
+        residual: bool = False,
     ):
         super().__init__()
         if adapter_in_rms is not None and not adapter_in_rms > 0:
             raise ValueError(f"adapter_in_rms must be > 0, got {adapter_in_rms}")
         self.adapter_in_rms = adapter_in_rms
+        self.residual = bool(residual)
+        if self.residual:  # the stage starts as the identity: tokens + 0
+            last = [m for m in adapter_out.modules() if isinstance(m, nn.Linear)]
+            if not last:
+                raise ValueError(f"residual: {type(adapter_out).__name__} has no linear layer to zero-initialise")
+            nn.init.zeros_(last[-1].weight)
+            if last[-1].bias is not None:
+                nn.init.zeros_(last[-1].bias)
         for name, a, want in (("adapter_in", adapter_in, "out_dim"), ("adapter_out", adapter_out, "in_dim")):
             width = getattr(a, want, None)
             if width is not None and width != blocks.hidden_size:
@@ -50,7 +66,15 @@ class LLMStage(nn.Module):
         self.adapter_out = adapter_out
 
     def forward(self, tokens: Tokens) -> Tokens:
-        return self.adapter_out(self.blocks(self.adapter_in(tokens)))
+        out = self.adapter_out(self.blocks(self.adapter_in(tokens)))
+        if not self.residual:
+            return out
+        if out.x.shape != tokens.x.shape:
+            raise ValueError(
+                f"residual LLM stage: adapter_out gives {tuple(out.x.shape)} for input {tuple(tokens.x.shape)}; a "
+                "residual needs the same tokens out as in (no pooling adapters)"
+            )
+        return out.with_x(tokens.x + out.x)
 
     @property
     def needs_calibration(self) -> bool:
