@@ -5,8 +5,8 @@ An *arm* is a named set of config overrides (`ARMS`: the baseline without an LLM
 its controls, trainable variants); a *sweep* point is one value per swept key; a *seed* sets ``train.seed``, which
 fixes the data order and the initialisation of every part the arms share (`build_encoder` builds the LLM stage from
 a stream of its own), so that the arms of one seed form a pair. Every run is an ordinary ``mmblocks train`` run in its
-own folder; a finished run (its ``summary.json``, made with the same command) is never run again, a killed one
-resumes from its last checkpoint.
+own folder; a finished run (its ``summary.json``, made with the same resolved config) is never run again, a killed
+one resumes from its last checkpoint, and a folder made with another config is refused.
 """
 
 from __future__ import annotations
