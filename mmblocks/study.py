@@ -90,6 +90,7 @@ class Cell:
     run_dir: Path
     recipe_path: Path
     identity: str = ""  # hash of the resolved config: what makes two cells one run
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # that config, flattened to dotted keys
     status: str = "pending"  # pending, done, failed
     summary: dict[str, Any] | None = None
 
@@ -224,16 +225,39 @@ def _find_recipe(name: str, here: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ plan
-def _identity(recipe: Path, overrides: list[str]) -> str:
-    """A hash of the run's resolved config, without where it is written; the LLM-only parts of a run without an LLM
-    stage do not count (a baseline under a sweep of ``model.llm.layers`` is one run)."""
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _identity(recipe: Path, overrides: list[str]) -> tuple[str, dict[str, Any]]:
+    """A hash of the run's resolved config, without where it is written, and that config flattened to dotted keys
+    (kept beside the run, so a refusal can name what changed); the LLM-only parts of a run without an LLM stage do
+    not count (a baseline under a sweep of ``model.llm.layers`` is one run)."""
     cfg = json.loads(json.dumps(load_config(recipe, overrides), default=str))
     cfg.pop("name", None)
     cfg.get("train", {}).pop("out_dir", None)
     if not cfg["model"]["llm"]["enabled"]:
         for key in _LLM_ONLY:
             cfg["model"].pop(key, None)
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16], _flatten(cfg)
+
+
+def _config_diff(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key: was A, now B`` for every dotted key whose value differs (``absent`` where a side lacks it)."""
+    missing = object()
+    lines = []
+    for key in sorted(set(before) | set(now)):
+        was, asks = before.get(key, missing), now.get(key, missing)
+        if was != asks:
+            show = lambda v: "absent" if v is missing else repr(v)  # noqa: E731
+            lines.append(f"{key}: was {show(was)}, now {show(asks)}")
+    return lines
 
 
 def _recipe_labels(recipes: Sequence[Path]) -> dict[Path, str]:
@@ -269,11 +293,11 @@ def plan_study(spec: StudySpec) -> list[Cell]:
                         f"train.seed={seed}",
                     ]
                     try:
-                        ident = _identity(recipe, overrides)
+                        ident, flat = _identity(recipe, overrides)
                     except ConfigError as err:
                         raise ConfigError(f"study {recipe.stem} / {tag} / {arm} / seed {seed}: {err}") from err
                     run_dir = seen.setdefault(ident, spec.out / "runs" / label / _folder(tag) / arm / f"seed{seed}")
-                    cells.append(Cell(label, tag, arm, seed, overrides, run_dir, recipe, ident))
+                    cells.append(Cell(label, tag, arm, seed, overrides, run_dir, recipe, ident, flat))
     return cells
 
 
@@ -303,7 +327,13 @@ def _state(cell: Cell) -> str:
         if not same:
             before, now = made.get("command") or [], _command(cell)
             was, asks = [a for a in before if a not in now], [a for a in now if a not in before]
-            diff = f" (it had {was}, the study now asks for {asks})" if was or asks else " (the recipe file changed)"
+            keys = _config_diff(made["config"], cell.config) if "config" in made else []
+            if keys:  # name what differs in the resolved configs: an override, an edited recipe or a changed default
+                diff = f" (resolved config: {'; '.join(keys[:8])}{'; ...' if len(keys) > 8 else ''})"
+            elif was or asks:
+                diff = f" (it had {was}, the study now asks for {asks})"
+            else:
+                diff = " (the recipe file or a default changed)"
             raise ConfigError(
                 f"{cell.run_dir} holds a run made with another config{diff}; use a new --out, or remove that folder "
                 "to run it again"
@@ -319,7 +349,8 @@ def _run_one(cell: Cell, threads: int) -> Cell:
     state = _state(cell)
     if state != "done":
         cell.run_dir.parent.mkdir(parents=True, exist_ok=True)
-        _marker(cell).write_text(json.dumps({"identity": cell.identity, "command": _command(cell)}, indent=1))
+        marker = {"identity": cell.identity, "command": _command(cell), "config": cell.config}
+        _marker(cell).write_text(json.dumps(marker, indent=1))
         flag = "--resume" if state == "resume" else "--overwrite"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         log = cell.run_dir.parent / f"{cell.run_dir.name}.log"

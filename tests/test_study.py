@@ -14,7 +14,7 @@ from scipy import stats
 from mmblocks.builders import build_encoder
 from mmblocks.cli import main
 from mmblocks.config import ConfigError
-from mmblocks.study import ARMS, _sentence, _state, paired_difference, parse_sweep, plan_study, read_study
+from mmblocks.study import ARMS, _command, _sentence, _state, paired_difference, parse_sweep, plan_study, read_study
 from mmblocks.train import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,7 +181,7 @@ def test_a_real_study_runs_resumes_and_reports(tmp_path, capsys):
     changed = ["study", str(RECIPE), *QUICK, "train.lr=0.5", f"data.root={data}", "--arms", "frozen", "--seeds", "1"]
     assert main([*changed, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "made with another config" in err and "train.lr=0.5" in err
+    assert "made with another config" in err and "train.lr: was 0.001, now 0.5" in err
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
@@ -211,12 +211,18 @@ def test_an_edited_recipe_is_not_reused(tmp_path):
     (cell,) = plan_study(spec)
     cell.run_dir.parent.mkdir(parents=True)
     (cell.run_dir.parent / f"{cell.run_dir.name}.command.json").write_text(
-        json.dumps({"identity": cell.identity, "command": []})
+        json.dumps({"identity": cell.identity, "command": [], "config": cell.config})
     )
     assert _state(cell) == "fresh"
     recipe.write_text(RECIPE.read_text().replace("lr: 1.0e-3", "lr: 2.0e-3"))
     (edited,) = plan_study(spec)
-    with pytest.raises(ConfigError, match="another config"):
+    with pytest.raises(ConfigError, match=r"another config \(resolved config: train.lr: was 0.001, now 0.002\)"):
+        _state(edited)
+    # a marker from before configs were kept beside runs still refuses, and says what may have changed
+    (cell.run_dir.parent / f"{cell.run_dir.name}.command.json").write_text(
+        json.dumps({"identity": cell.identity, "command": _command(edited)})
+    )
+    with pytest.raises(ConfigError, match="recipe file or a default changed"):
         _state(edited)
 
 
