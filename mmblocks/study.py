@@ -485,6 +485,40 @@ def _value(cell: Cell, metric: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+# A run has left chance when its training loss ends clearly below the chance loss and its test accuracy is above
+# chance by more than sampling noise: the mean of the last tenth of its logged training losses at most
+# CHANCE_LOSS_FRACTION x ln C, and test accuracy above 1/C by CHANCE_SIGMAS binomial standard errors.
+CHANCE_LOSS_FRACTION = 0.8
+CHANCE_SIGMAS = 3.0
+
+
+def _chance_of(summary: Mapping[str, Any]) -> dict[str, float] | None:
+    chance = summary.get("chance")
+    if chance is None:  # summaries written before tasks reported their chance level
+        found = re.search(r"ClassificationTask\(num_classes=(\d+)", str(summary.get("task", "")))
+        chance = {"loss": math.log(int(found.group(1))), "acc": 1 / int(found.group(1))} if found else None
+    return chance
+
+
+def left_chance(cell: Cell) -> bool | None:
+    """Whether a finished run left chance (see `CHANCE_LOSS_FRACTION`); None where its task has no chance level or
+    the run logged no training loss."""
+    if cell.status != "done" or not cell.summary:
+        return None
+    chance, test = _chance_of(cell.summary), cell.summary.get("test") or {}
+    f = cell.run_dir / "metrics.jsonl"
+    if not chance or "acc" not in test or not f.is_file():
+        return None
+    records = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    losses = [v for _, v in metric_series(records).get(("train", "loss"), [])]
+    if not losses:
+        return None
+    tail = losses[-max(1, len(losses) // 10) :]
+    p, n = chance["acc"], max(1, int(test.get("samples", 1)))
+    low_loss = sum(tail) / len(tail) <= CHANCE_LOSS_FRACTION * chance["loss"]
+    return low_loss and test["acc"] > p + CHANCE_SIGMAS * math.sqrt(p * (1 - p) / n)
+
+
 def _fmt_scale(values: Sequence[float]) -> tuple[float, str]:
     """Values in [0, 1] are shown in points (x100), as papers do; others as they are."""
     return (100.0, " points") if values and all(0 <= v <= 1 for v in values) else (1.0, "")
@@ -588,17 +622,34 @@ def write_study_report(spec: StudySpec, cells: Sequence[Cell]) -> dict[str, Any]
         where = recipe if point == "default" else f"{recipe}, {point}"
         better = "higher" if mode == "max" else "lower"
         lines += ["", f"## {where}", "", f"Metric: test `{metric}` ({better} is better).", ""]
-        lines += [f"| arm | seeds | test {metric} mean ± std | per seed |", "|---|---|---|---|"]
+        left = {arm: {} for arm in spec.arms}
+        for cell in group:
+            verdict = left_chance(cell)
+            if verdict is not None:
+                left[cell.arm][cell.seed] = verdict
+        with_chance = any(left.values())
+        head, rule = f"| arm | seeds | test {metric} mean ± std | per seed |", "|---|---|---|---|"
+        lines += [head + " left chance |", rule + "---|"] if with_chance else [head, rule]
         rows = []
         for arm, per in values.items():
+            verdicts = left[arm]
+            chance_txt = f" {sum(verdicts.values())} / {len(verdicts)} |" if with_chance else ""
             if per:
                 m, s = _mean_std(list(per.values()))
                 spread = f" ± {s * scale:.2f}" if s is not None else ""
                 seeds_txt = ", ".join(f"{per[k] * scale:.2f}" for k in sorted(per))
-                lines.append(f"| {arm} | {len(per)} | {m * scale:.2f}{spread} | {seeds_txt} |")
-                rows.append({"arm": arm, "n": len(per), "mean": m, "std": s, "per_seed": per})
+                lines.append(f"| {arm} | {len(per)} | {m * scale:.2f}{spread} | {seeds_txt} |{chance_txt}")
+                rows.append({"arm": arm, "n": len(per), "mean": m, "std": s, "per_seed": per, "left_chance": verdicts})
             else:
-                lines.append(f"| {arm} | 0 | — | — |")
+                lines.append(f"| {arm} | 0 | — | — |{' — |' if with_chance else ''}")
+        if with_chance:
+            stuck = [f"{arm} seed {seed}" for arm, per in left.items() for seed, ok in sorted(per.items()) if not ok]
+            lines += [
+                "",
+                f"Left chance: the mean of the last tenth of the logged training losses is at most "
+                f"{CHANCE_LOSS_FRACTION:g} ln C and test accuracy exceeds 1/C by {CHANCE_SIGMAS:g} binomial standard "
+                "errors. " + (f"Runs that did not: {', '.join(stuck)}." if stuck else "Every finished run did."),
+            ]
         failed = [c for c in group if c.status == "failed"]
         comparisons, sentences = [], []
         lines += ["", f"Paired differences against `{spec.reference}`:", ""]

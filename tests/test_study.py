@@ -14,7 +14,18 @@ from scipy import stats
 from mmblocks.builders import build_encoder
 from mmblocks.cli import main
 from mmblocks.config import ConfigError
-from mmblocks.study import ARMS, _command, _sentence, _state, paired_difference, parse_sweep, plan_study, read_study
+from mmblocks.study import (
+    ARMS,
+    Cell,
+    _command,
+    _sentence,
+    _state,
+    left_chance,
+    paired_difference,
+    parse_sweep,
+    plan_study,
+    read_study,
+)
 from mmblocks.train import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +171,9 @@ def test_a_real_study_runs_resumes_and_reports(tmp_path, capsys):
                 (out / "runs" / RECIPE.stem / "default" / arm / f"seed{seed}" / "summary.json").read_text()
             )
             assert by_arm[arm]["per_seed"][str(seed)] == pytest.approx(summary["test"]["acc"])
+            assert summary["chance"] == {"loss": pytest.approx(math.log(10)), "acc": pytest.approx(0.1)}
+            assert by_arm[arm]["left_chance"][str(seed)] in (True, False)  # two steps: a verdict either way
+    assert "| left chance |" in report and "Left chance:" in report
     comp = group["comparisons"][0]
     diffs = [by_arm["frozen"]["per_seed"][str(s)] - by_arm["baseline"]["per_seed"][str(s)] for s in (0, 1)]
     assert comp["diffs"] == pytest.approx(diffs) and math.isfinite(comp["ci"][0])
@@ -224,6 +238,37 @@ def test_an_edited_recipe_is_not_reused(tmp_path):
     )
     with pytest.raises(ConfigError, match="recipe file or a default changed"):
         _state(edited)
+
+
+def _finished_cell(tmp_path, losses, acc, samples=200, summary_extra=None):
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    lines = [json.dumps({"step": i + 1, "split": "train", "loss": v}) for i, v in enumerate(losses)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    summary = {
+        "test": {"acc": acc, "samples": samples},
+        **(summary_extra or {"chance": {"loss": math.log(10), "acc": 0.1}}),
+    }
+    return Cell("r", "default", "frozen", 0, [], run, RECIPE, status="done", summary=summary)
+
+
+@pytest.mark.parametrize(
+    "losses, acc, expected",
+    [
+        ([2.3] * 18 + [1.0, 1.2], 0.5, True),  # loss well below ln 10 = 2.30 at the end, accuracy far above 0.1
+        ([2.3] * 20, 0.5, False),  # the loss never left ln C: a lucky test accuracy does not count
+        ([2.3] * 18 + [1.0, 1.2], 0.14, False),  # 0.14 is within 3 standard errors of 0.1 on 200 samples (0.064)
+        ([1.0] * 18 + [2.3, 2.3], 0.5, False),  # it left, then fell back onto the plateau
+    ],
+)
+def test_left_chance_needs_both_a_low_loss_and_an_accuracy_beyond_noise(tmp_path, losses, acc, expected):
+    assert left_chance(_finished_cell(tmp_path, losses, acc)) is expected
+
+
+def test_left_chance_reads_summaries_written_before_the_chance_field(tmp_path):
+    old = {"task": "ClassificationTask(num_classes=10, label_smoothing=0.0, top_k=5)"}
+    assert left_chance(_finished_cell(tmp_path, [2.3] * 18 + [1.0, 1.2], 0.5, summary_extra=old)) is True
+    assert left_chance(_finished_cell(tmp_path / "b", [1.0], 0.5, summary_extra={"task": "CTCTask()"})) is None
 
 
 def test_equal_paired_differences_are_not_called_decisive():

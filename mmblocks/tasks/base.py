@@ -122,6 +122,12 @@ class Task:
     def check_checkpoint_state(self, state: Mapping[str, Any]) -> None:
         """Refuse a checkpoint whose `checkpoint_state` this task cannot reproduce (nothing to check by default)."""
 
+    def chance(self) -> dict[str, float] | None:
+        """What a model that ignores its input scores: ``{metric: value}`` (the training loss included), or None
+        where the task has no such level. Written into the run's summary so that a study can tell a run that left
+        chance from one that did not."""
+        return None
+
     def better(self, value: float, best: float | None) -> bool:
         """Whether `value` of the monitored metric improves on `best` (ties count as better: the later step wins)."""
         if best is None:

@@ -9,6 +9,7 @@ the classes present in the split of ``correct / support`` (scikit-learn's ``bala
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,11 @@ class ClassificationTask(Task):
         total = loss + aux if isinstance(aux, torch.Tensor) else loss
         acc = (logits.argmax(-1) == labels).float().mean()
         return StepOutput(total, {"loss": loss.detach(), "acc": acc}, labels.numel())
+
+    def chance(self) -> dict[str, float]:
+        """Uniform prediction over C classes: loss ln C (label smoothing leaves it so), accuracy 1 / C (balanced
+        test sets, as every shipped dataset's)."""
+        return {"loss": math.log(self.num_classes), "acc": 1.0 / self.num_classes}
 
     def new_metrics(self, device: torch.device) -> ClassificationMetrics:
         return ClassificationMetrics(self.num_classes, device, self.top_k, self.class_names or ())

@@ -593,6 +593,7 @@ class Trainer:
             **{k: v for k, v in self.run_info.items() if k != "name"},
             "task": repr(self.task),
             "monitor": {"metric": self.task.monitor[0], "mode": self.task.monitor[1]},
+            "chance": self.task.chance(),
             "trainable_params": n_train,
             "frozen_params": n_all - n_train,
             "best_val": self.best,
