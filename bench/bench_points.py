@@ -10,10 +10,13 @@ Checks: both FPS give the same indices; our groups are the brute-force top-k of 
 two clouds); the share of groups whose index set equals the reference's (its matmul-form distances round
 differently, so near-ties can swap).
 Goal: >= 5x for FPS + kNN.
+The group encoder (`MiniPointNet`, forward + backward, `--encoder-groups` groups of k points at embed 384) runs its
+1x1 convolutions as matmuls on points-as-rows; the reference is Point-BERT's own layout, the same modules applied as
+Conv1d on [M, C, K]. Checks: equal outputs.
 On a machine shared with other jobs, run it with OMP_WAIT_POLICY=PASSIVE: with OpenMP's default spin-waiting, every
 parallel op waits for a descheduled thread, which slows loops of many ops (both FPS, our kNN) by up to 30x.
 Usage: python bench/bench_points.py [--batch 32] [--points 8192] [--groups 512] [--k 32] [--repeats 7] [--threads N]
-       [--device cpu|cuda]
+       [--encoder-groups 1024] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 
 import torch
 
-from tokenizers_mm.points import farthest_point_sample, knn_group
+from tokenizers_mm.points import MiniPointNet, farthest_point_sample, knn_group
 
 
 def reference_fps(xyz: torch.Tensor, n: int) -> torch.Tensor:
@@ -58,6 +61,20 @@ def exact_sq_dist(xyz: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     return d + (xyz[:, None, :, 2] - centers[:, :, None, 2]).square()
 
 
+def reference_group_encoder(enc: MiniPointNet, groups: torch.Tensor) -> torch.Tensor:
+    """Point-BERT's layout: the Conv1d stacks on ``[M, C, K]``."""
+    f = enc.first(groups.transpose(1, 2))
+    f = enc.second(torch.cat([f.amax(dim=2, keepdim=True).expand_as(f), f], dim=1))
+    return f.amax(dim=2)
+
+
+def _fwd_bwd(fn, enc: MiniPointNet, groups: torch.Tensor) -> torch.Tensor:
+    enc.zero_grad(set_to_none=True)
+    out = fn(enc, groups)
+    out.sum().backward()
+    return out.detach()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
@@ -65,6 +82,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=512)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--encoder-groups", type=int, default=1024, help="groups through the group encoder")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -75,12 +93,18 @@ def main() -> None:
     rows = torch.arange(args.batch, device=args.device)[:, None]
     centers = xyz[rows, farthest_point_sample(xyz, args.groups)]
 
+    enc = MiniPointNet(3, 384).to(args.device)
+    groups = torch.randn(args.encoder_groups, args.k, 3, device=args.device)
     stages = {
         "FPS": (lambda: reference_fps(xyz, args.groups), lambda: farthest_point_sample(xyz, args.groups)),
         "kNN": (lambda: reference_knn(xyz, centers, args.k), lambda: knn_group(xyz, centers, args.k)),
         "FPS + kNN": (
             lambda: reference_knn(xyz, xyz[rows, reference_fps(xyz, args.groups)], args.k),
             lambda: knn_group(xyz, xyz[rows, farthest_point_sample(xyz, args.groups)], args.k),
+        ),
+        "encoder": (
+            lambda: _fwd_bwd(reference_group_encoder, enc, groups),
+            lambda: _fwd_bwd(MiniPointNet.forward, enc, groups),
         ),
     }
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -104,6 +128,7 @@ def main() -> None:
     brute = d.topk(args.k, dim=-1, largest=False, sorted=True).values
     assert torch.equal(d.gather(-1, ours[:2]), brute), "kNN must be the brute-force top-k"
     same = (ours.sort(-1).values == ref.sort(-1).values).all(-1).float().mean().item()
+    torch.testing.assert_close(outputs["encoder", 1], outputs["encoder", 0], rtol=1e-4, atol=1e-4)
 
     print(
         f"torch {torch.__version__}, {args.device}, threads {torch.get_num_threads()}: batch {args.batch} x "
@@ -114,7 +139,8 @@ def main() -> None:
         r, o = statistics.median(times[name, 0]), statistics.median(times[name, 1])
         print(f"{name:<12} {r * 1e3:>13.1f} {o * 1e3:>9.1f} {r / o:>8.2f}x")
     print(
-        "checks: FPS indices equal; kNN = brute-force top-k of the exact distances; "
+        f"encoder: {args.encoder_groups} groups x {args.k} points, forward + backward. "
+        "checks: FPS indices equal; kNN = brute-force top-k of the exact distances; encoder outputs equal; "
         f"{same:.2%} of groups have the reference's index set"
     )
 

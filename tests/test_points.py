@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tokenizers_mm import create_tokenizer
-from tokenizers_mm.points import PointGroups, _knn_dense, farthest_point_sample, group_points, knn_group
+from tokenizers_mm.points import MiniPointNet, PointGroups, _knn_dense, farthest_point_sample, group_points, knn_group
 
 
 def numpy_fps(xyz: np.ndarray, n: int, start: int) -> np.ndarray:
@@ -160,6 +160,35 @@ def test_tokenizer_shapes_positions_and_gradients():
     assert out.pos.shape == (2, 17, 3) and torch.all(out.pos[:, 0] == 0)
     out.x.sum().backward()
     assert tok.encoder.first[0].weight.grad is not None and tok.pos_mlp[0].weight.grad is not None
+
+
+def _point_bert_encoder(enc: MiniPointNet, groups: torch.Tensor) -> torch.Tensor:
+    """Point-BERT's own layout: the Conv1d stacks on ``[M, C, K]``."""
+    f = enc.first(groups.transpose(1, 2))
+    f = enc.second(torch.cat([f.amax(dim=2, keepdim=True).expand_as(f), f], dim=1))
+    return f.amax(dim=2)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_mini_pointnet_rows_equal_point_berts_conv_layout(train):
+    torch.manual_seed(0)
+    ours = MiniPointNet(4, 48).train(train)
+    with torch.no_grad():  # non-trivial BatchNorm state, so eval mode uses it
+        for bn in (ours.first[1], ours.second[1]):
+            bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_(), bn.bias.normal_()
+    ref = copy.deepcopy(ours)
+    groups = torch.randn(24, 16, 4)
+    a, b = ours(groups), _point_bert_encoder(ref, groups)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    # float32 rounding of sums over 384 rows, on the scale of the largest gradient (a conv bias before a training-mode
+    # BatchNorm has a true gradient of zero, so both sides hold only rounding there)
+    scale = max(float(q.grad.abs().max()) for q in ref.parameters())
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    for x, y in zip(ours.buffers(), ref.buffers()):  # running statistics move the same way in training
+        torch.testing.assert_close(x, y)
 
 
 def test_tokenizer_padding_equals_unpadded_in_eval():
