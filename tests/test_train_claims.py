@@ -78,7 +78,9 @@ def test_accumulation_equals_one_large_batch(digits, tmp_path, tiny_checkpoint):
     for b, a in zip(big_rows, acc_rows, strict=True):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    _assert_close(acc, big, atol=1e-5)
+    # AdamW divides by sqrt(v), so an entry whose gradient is mostly float rounding (a different summation order in
+    # two half batches) can move by a visible fraction of lr: 1.4e-5 was seen on one thread, under 1e-5 on two
+    _assert_close(acc, big, atol=5e-5)
 
 
 def test_grad_checkpointing_recomputes_and_keeps_the_gradients(digits, tmp_path, tiny_checkpoint):
