@@ -143,6 +143,34 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zeroshot(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .zeroshot_report import load_open_clip, run_zeroshot
+
+    source, _, name = args.model.partition(":")
+    if source != "open_clip" or not name:
+        raise ConfigError(
+            f"--model {args.model!r}: give open_clip:NAME (a built-in architecture, with --checkpoint FILE) or "
+            "open_clip:local-dir:PATH"
+        )
+    model = load_open_clip(name, args.checkpoint, device=args.device)
+    report = run_zeroshot(
+        model,
+        args.data,
+        split=args.split,
+        task=args.task,
+        classnames=args.classnames,
+        templates=args.templates,
+        out=args.out,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+    )
+    print(" ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items()))
+    print(f"report: {report['out']}/zeroshot.md")
+    return 0
+
+
 def _cmd_shards_write(args: argparse.Namespace) -> int:
     from .data import write_from_folder, write_from_manifest
 
@@ -352,6 +380,20 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--prompt", help="the question (qa tasks) or the instruction (default: the training prompt)")
     ge.add_argument("--max-new-tokens", type=int, help="generation budget (default: the task's)")
     ge.set_defaults(func=_cmd_generate)
+
+    zs = sub.add_parser("zeroshot", help="zero-shot classification / retrieval of shards by a CLIP-like model")
+    zs.add_argument("--model", required=True, help="open_clip:NAME (built-in architecture) or open_clip:local-dir:PATH")
+    zs.add_argument("--checkpoint", help="weights file of a built-in open_clip architecture (nothing is downloaded)")
+    zs.add_argument("--data", required=True, help="shards folder (with index.json)")
+    zs.add_argument("--split", default="test")
+    zs.add_argument("--task", choices=("classification", "retrieval"), default="classification")
+    zs.add_argument("--classnames", help="a JSON list or one class name per line (default: the shards' index.json)")
+    zs.add_argument("--templates", help="a JSON list of {c} templates or {class: [prompts]}, or one per line")
+    zs.add_argument("--out", help="report folder (default: runs/zeroshot/<data folder>)")
+    zs.add_argument("--batch-size", type=int, default=64)
+    zs.add_argument("--workers", type=int, default=2)
+    zs.add_argument("--device", default="cpu")
+    zs.set_defaults(func=_cmd_zeroshot)
 
     sh = sub.add_parser("shards", help="write WebDataset shards")
     ssub = sh.add_subparsers(dest="shards_command", required=True)

@@ -26,7 +26,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("mmblocks.config",),
     ("mmblocks.builders",),
     ("mmblocks.recipes", "mmblocks.reference"),
-    ("mmblocks.study", "mmblocks.inspect_runs"),
+    ("mmblocks.study", "mmblocks.inspect_runs", "mmblocks.zeroshot_report"),
     ("mmblocks.demo",),
     ("mmblocks.cli",),
     ("mmblocks.__main__", "mmblocks"),

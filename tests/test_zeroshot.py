@@ -4,6 +4,7 @@ random open_clip CLIP (nothing downloaded)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import open_clip
@@ -200,3 +201,100 @@ def test_templates_and_bad_input_are_clear_errors(clip):
         retrieval_metrics(emb, emb, torch.tensor([0, 1, 2, 7]), recall_k=(1,))
     with pytest.raises(TypeError, match="\\(inputs, targets\\) pairs"):
         classify(model, torch.zeros(32, 2), [torch.zeros(2, 3, 32, 32)])
+
+
+# ------------------------------------------------------------------------------------------------ mmblocks zeroshot
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"layers": 1, "width": 64, "head_width": 32, "patch_size": 8, "image_size": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_local_dir(tmp_path_factory):
+    """An open_clip ``local-dir:`` folder (config + safetensors weights), as a user's own checkpoint would be."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG}))
+    torch.manual_seed(5)
+    model = open_clip.CLIP(
+        **{
+            **TINY_CFG,
+            "vision_cfg": open_clip.CLIPVisionCfg(**TINY_CFG["vision_cfg"]),
+            "text_cfg": open_clip.CLIPTextCfg(**TINY_CFG["text_cfg"]),
+        }
+    )
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory):
+    from mmblocks.data import make_dataset
+
+    root = tmp_path_factory.mktemp("digits")
+    make_dataset("digits", root, seed=0, progress=False)
+    return root
+
+
+def test_zeroshot_command_equals_open_clips_own_zero_shot_run(tiny_local_dir, digit_shards, tmp_path, monkeypatch):
+    from open_clip_train import zero_shot as oc_zero_shot
+
+    from mmblocks.cli import main
+    from mmblocks.data import build_loader
+    from mmblocks.zeroshot_report import load_open_clip
+
+    templates = tmp_path / "templates.json"
+    templates.write_text(json.dumps(["a photo of the digit {c}.", "a handwritten {c}."]))
+    out = tmp_path / "report"
+    argv = ["zeroshot", "--model", f"open_clip:local-dir:{tiny_local_dir}", "--data", str(digit_shards)]
+    assert main([*argv, "--templates", str(templates), "--out", str(out), "--workers", "0"]) == 0
+    report = json.loads((out / "zeroshot.json").read_text())
+    assert report["weights"].endswith("open_clip_model.safetensors") and report["image_size"] == 32
+    assert (out / "confusion.png").stat().st_size > 1000 and "| acc1 |" in (out / "zeroshot.md").read_text()
+
+    # the oracle: open_clip's classifier and open_clip_train's zero_shot.run on the same images
+    zs = load_open_clip(f"local-dir:{tiny_local_dir}")
+    names = json.loads((digit_shards / "index.json").read_text())["class_names"]
+    assert report["classnames"] == names
+    classifier = open_clip.build_zero_shot_classifier(
+        zs.model, zs.tokenizer, names, ["a photo of the digit {}.", "a handwritten {}."]
+    )
+    loader = build_loader(
+        digit_shards,
+        "test",
+        batch_size=64,
+        image_size=32,
+        num_workers=0,
+        shuffle=False,
+        augment="none",
+        channels=3,
+        mean=zs.mean,
+        std=zs.std,
+    )
+    pairs = [(b.inputs, b.label) for b in loader]
+
+    def accuracy(output, target, topk=(1,)):  # its helper's float() of a 1-element array fails under NumPy 2
+        top = output.topk(max(topk), 1, True, True)[1].t()
+        hit = top.eq(target.view(1, -1).expand_as(top))
+        return [hit[:k].reshape(-1).float().sum().item() for k in topk]
+
+    monkeypatch.setattr(oc_zero_shot, "accuracy", accuracy)
+    args = type("Args", (), {"device": "cpu", "precision": "fp32", "batch_size": 64})()
+    top1, top5 = oc_zero_shot.run(zs.model, classifier, pairs, args)
+    assert report["metrics"]["acc1"] == pytest.approx(top1)
+    assert report["metrics"]["acc5"] == pytest.approx(top5)
+    assert report["samples"] == sum(len(y) for _, y in pairs)
+
+
+def test_zeroshot_command_refuses_what_would_download(tmp_path, capsys):
+    from mmblocks.cli import main
+
+    assert main(["zeroshot", "--model", "open_clip:hf-hub:laion/CLIP-ViT-B-32", "--data", str(tmp_path)]) == 2
+    assert "nothing is downloaded" in capsys.readouterr().err
+    assert main(["zeroshot", "--model", "open_clip:ViT-B-32", "--checkpoint", "openai", "--data", str(tmp_path)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["zeroshot", "--model", "clip:RN50", "--data", str(tmp_path)]) == 2
+    assert "open_clip:NAME" in capsys.readouterr().err

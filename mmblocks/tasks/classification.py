@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .base import Metrics, StepOutput, Task, all_reduce_sum_
 from .registry import register_task
 
-__all__ = ["ClassificationMetrics", "ClassificationTask"]
+__all__ = ["ClassificationMetrics", "ClassificationTask", "plot_confusion"]
 
 
 class ClassificationMetrics(Metrics):
@@ -88,7 +88,7 @@ class ClassificationMetrics(Metrics):
             json.dumps({"split": split, "class_names": names, "confusion": conf.tolist()}) + "\n"
         )
         png = out_dir / f"confusion_{split}.png"
-        _plot_confusion(conf, names, png, title=f"confusion matrix ({split})")
+        plot_confusion(conf, names, png, title=f"confusion matrix ({split})")
         recall = self.per_class_recall().tolist()
         rows = ["| class | samples | recall | most often taken for |", "|---|---|---|---|"]
         for i, name in enumerate(names):
@@ -104,7 +104,8 @@ class ClassificationMetrics(Metrics):
         return [(f"Confusion matrix ({split})", body)]
 
 
-def _plot_confusion(conf: torch.Tensor, names: list[str], path: Path, title: str) -> None:
+def plot_confusion(conf: torch.Tensor, names: list[str], path: Path, title: str) -> None:
+    """A row-normalised confusion matrix `conf` ``[C, C]`` (rows: true class) as a PNG at `path`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
