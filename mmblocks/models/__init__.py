@@ -1,4 +1,5 @@
-"""Backbones (registered by name: `create_backbone`, `list_backbones`) and encoder composition (`MMEncoder`)."""
+"""Backbones (registered by name: `create_backbone`, `list_backbones`), encoder composition (`MMEncoder`) and the
+text towers of contrastive models (`create_text_tower`, `list_text_towers`)."""
 
 from ..layers.rope import AxialRoPE, apply_rotary, axial_rope, sequence_rope
 from ..layers.soft_mask import SoftMaskSchedule, advance_soft_masks
@@ -9,6 +10,15 @@ from .causal_vit import CAUSAL_VIT_PRESETS, CausalViT, causal_vit
 from .encoder import LLMStage, MMEncoder
 from .point_transformer import PointTransformer
 from .registry import BACKBONES, builder_args, create_backbone, list_backbones, register_backbone, resolve_backbone
+from .text_towers import (
+    TEXT_TOWERS,
+    MiniLMTower,
+    OpenCLIPTextTower,
+    TextTower,
+    create_text_tower,
+    list_text_towers,
+    register_text_tower,
+)
 from .videomae import (
     VIDEOMAE_PRESETS,
     VIDEOMAE_TUBELETS,
@@ -22,6 +32,13 @@ __all__ = [
     "AST_PRESETS",
     "AST_TOKENIZER",
     "BACKBONES",
+    "TEXT_TOWERS",
+    "MiniLMTower",
+    "OpenCLIPTextTower",
+    "TextTower",
+    "create_text_tower",
+    "list_text_towers",
+    "register_text_tower",
     "builder_args",
     "CAUSAL_VIT_PRESETS",
     "VIDEOMAE_PRESETS",
