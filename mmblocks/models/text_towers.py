@@ -53,17 +53,23 @@ def list_text_towers() -> list[str]:
 
 
 class TextTower(nn.Module):
-    """Base class: `tokenize` (strings -> ids ``[N, L]``), `forward` (ids -> features ``[N, width]``)."""
+    """Base class: `tokenize` (strings -> ids ``[N, L]``), `forward` (ids -> features ``[N, width]``). A tower built
+    with ``tune="frozen"`` calls `lock` once its modules exist: no gradients, and eval mode even under ``.train()``."""
 
     width: int
+    tune: str = "full"
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
 
+    def lock(self) -> None:
+        self.tune = "frozen"
+        self.requires_grad_(False)
+        self.eval()
 
-def _freeze(module: nn.Module) -> None:
-    module.requires_grad_(False)
-    module.eval()
+    def train(self, mode: bool = True) -> TextTower:
+        super().train(mode and self.tune != "frozen")  # a locked tower never runs dropout
+        return self
 
 
 @register_text_tower("minilm")
@@ -94,15 +100,8 @@ class MiniLMTower(TextTower):
         self.max_length = min(int(max_length), limit)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.width = int(self.model.config.hidden_size)
-        self.tune = tune
         if tune == "frozen":
-            _freeze(self.model)
-
-    def train(self, mode: bool = True) -> MiniLMTower:
-        super().train(mode)
-        if self.tune == "frozen":
-            self.model.eval()  # a locked tower never runs dropout
-        return self
+            self.lock()
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         if isinstance(texts, str):
@@ -149,15 +148,8 @@ class OpenCLIPTextTower(TextTower):
         self._tokenizer = open_clip.get_tokenizer(model)
         with torch.no_grad():
             self.width = int(clip.encode_text(self._tokenizer(["a"])).shape[-1])
-        self.tune = tune
         if tune == "frozen":
-            _freeze(self.clip)
-
-    def train(self, mode: bool = True) -> OpenCLIPTextTower:
-        super().train(mode)
-        if self.tune == "frozen":
-            self.clip.eval()
-        return self
+            self.lock()
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self._tokenizer([texts] if isinstance(texts, str) else list(texts))
