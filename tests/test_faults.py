@@ -535,3 +535,53 @@ def test_a_split_that_lacks_a_required_key_is_refused_before_any_worker_starts(t
     with pytest.raises(MissingKeyError) as info:
         build_loader(tmp_path / "idx", batch_size=2, num_workers=2, fields=("txt",), image_size=8)
     assert "Traceback" not in str(info.value) and "the task needs 'txt'" in str(info.value)
+
+
+_KILLED_PARENT = """
+import os, signal, sys, time
+from mmblocks.data import build_loader
+loader = build_loader(sys.argv[1], "train", batch_size=64, image_size=64, channels=1, num_workers=2,
+                      prefetch_factor=8, shuffle=False)
+it = iter(loader)
+next(it)
+time.sleep(2)  # the workers fill their queues (the pipe a killed parent leaves full)
+def parent(pid):
+    return open(f"/proc/{pid}/stat").read().split(") ")[1].split()[1]
+kids = [p for p in os.listdir("/proc") if p.isdigit() and parent(p) == str(os.getpid())]
+print(" ".join(kids), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_loader_workers_die_with_a_killed_training_process(digits, tmp_path):
+    """A SIGKILLed (or OOM-killed) run must not leave its data workers behind: before the parent-death signal, the
+    workers of such a run lived on forever, their exit waiting on a feeder thread blocked on a full pipe."""
+    out, err = tmp_path / "pids", tmp_path / "stderr"  # files, not pipes: a surviving worker would hold a pipe open
+    with open(out, "w") as fout, open(err, "w") as ferr:
+        proc = subprocess.run(
+            [sys.executable, "-c", _KILLED_PARENT, str(digits)],
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=fout,
+            stderr=ferr,
+            timeout=120,
+        )
+    assert proc.returncode == -signal.SIGKILL, err.read_text()[-2000:]
+    workers = [int(p) for p in out.read_text().split()]
+    assert len(workers) == 2
+    deadline = time.time() + 15
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in workers if os.path.exists(f"/proc/{p}") and _state(p) != "Z"]
+    for pid in alive:  # leave nothing behind, then fail
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived the killed training process"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "X"

@@ -68,6 +68,8 @@ traceback.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import gc
 import hashlib
 import json
@@ -76,6 +78,9 @@ import math
 import multiprocessing as mp
 import os
 import random
+import signal
+import sys
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -648,6 +653,23 @@ class ShardDataset(IterableDataset):
 # ---------------------------------------------------------------------------------------------------- loader
 
 
+def _die_with_parent(parent_pid: int, start_method: str, from_main_thread: bool, worker_id: int) -> None:
+    """Worker init: on Linux, have the kernel kill this worker when the training process dies. Without it a worker of
+    a SIGKILLed (or OOM-killed) run can live on forever: its queue's feeder thread blocks on a full pipe whose read
+    end the worker itself inherited, and its exit waits for that thread. Armed only for workers started from the main
+    thread (the kernel's "parent" is the starting thread, and another thread may end before the workers should)."""
+    if not sys.platform.startswith("linux") or not from_main_thread:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl: torch's own watchdog only
+        return
+    # the training process died before prctl took effect (a forkserver's workers have the server as parent)
+    if start_method in ("fork", "spawn") and os.getppid() != parent_pid:
+        os._exit(1)
+
+
 class ShardLoader:
     """Iterable over `Batch` es of one split for this rank; see the module docstring for the guarantees.
 
@@ -815,6 +837,14 @@ class ShardLoader:
         return sum(rounding(sizes[s] / d.batch_size) for s in mine)
 
     def _start(self, loader: DataLoader) -> Iterator[tuple[_RawBatch | None, dict[str, Any]]]:
+        if self.num_workers > 0:  # workers start below, in this thread
+            ctx = loader.multiprocessing_context
+            method = ctx.get_start_method() if ctx is not None else mp.get_start_method()
+            from_main = threading.current_thread() is threading.main_thread()
+            loader.worker_init_fn = functools.partial(_die_with_parent, os.getpid(), method, from_main)
+        return self._start_workers(loader)
+
+    def _start_workers(self, loader: DataLoader) -> Iterator[tuple[_RawBatch | None, dict[str, Any]]]:
         """Start the workers with the parent's objects frozen out of the garbage collector: a forked worker's
         collections then never walk (and so copy, page by page) the parent's heap, which otherwise costs a big
         training process seconds per epoch. Skipped when the caller froze objects itself."""
