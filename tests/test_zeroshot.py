@@ -298,3 +298,10 @@ def test_zeroshot_command_refuses_what_would_download(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["zeroshot", "--model", "clip:RN50", "--data", str(tmp_path)]) == 2
     assert "open_clip:NAME" in capsys.readouterr().err
+
+
+def test_the_zero_shot_api_is_one_module():
+    from mmblocks.eval import zeroshot
+
+    assert zeroshot.evaluate_classification is evaluate_classification
+    assert zeroshot.evaluate_retrieval is evaluate_retrieval

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .zeroshot import _autocast, _to
+from ._device import autocast_if, to_device
 
 __all__ = ["evaluate_retrieval", "retrieval_metrics"]
 
@@ -109,10 +109,10 @@ def evaluate_retrieval(
     try:
         for batch in tqdm(dataloader, desc="retrieval", disable=not progress):
             args, kwargs, captions = _captions(batch)
-            args = tuple(_to(a, device) for a in args)
-            kwargs = {k: _to(v, device) for k, v in kwargs.items()}
+            args = tuple(to_device(a, device) for a in args)
+            kwargs = {k: to_device(v, device) for k, v in kwargs.items()}
             flat = [c for caps in captions for c in caps]
-            with _autocast(device, amp):
+            with autocast_if(device, amp):
                 items.append(F.normalize(model.encode_image(*args, **kwargs).float(), dim=-1).cpu())
                 if flat:
                     ids = tokenizer(flat).to(device)

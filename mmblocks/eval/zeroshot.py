@@ -12,6 +12,8 @@ open_clip models and mmblocks contrastive runs both qualify.
 * `classification_metrics`: ``acc1``, ``acc5`` (NaN below 5 classes) and ``mean_per_class_recall`` (scikit-learn's
   ``balanced_accuracy_score``), as CLIP_benchmark reports them.
 * `evaluate_classification`: the three, end to end.
+* `evaluate_retrieval` / `retrieval_metrics` (from `mmblocks.eval.retrieval`, re-exported here: the zero-shot API is
+  one module).
 
 Templates are a list of strings with ``{c}`` (CLIP_benchmark) or ``{}`` (open_clip) for the class name, or callables
 ``name -> prompt``, or a dict ``{class name: [prompts]}`` (CuPL-style class-specific prompts).
@@ -23,17 +25,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ._device import autocast_if, to_device
+from .retrieval import evaluate_retrieval, retrieval_metrics
+
 __all__ = [
     "classification_metrics",
     "classify",
     "evaluate_classification",
+    "evaluate_retrieval",
     "fill_template",
+    "retrieval_metrics",
     "zero_shot_classifier",
 ]
 
@@ -64,10 +70,6 @@ def _prompts(classnames: Sequence[str], templates: Templates) -> list[list[str]]
     return [[fill_template(t, c) for t in templates] for c in classnames]
 
 
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device.type) if amp else nullcontext()
-
-
 @torch.no_grad()
 def zero_shot_classifier(
     model: Any,
@@ -90,7 +92,7 @@ def zero_shot_classifier(
     starts = range(0, len(flat), batch_size)
     for start in tqdm(starts, desc="class prompts", disable=not progress, total=len(starts)):
         ids = tokenizer(flat[start : start + batch_size]).to(device)
-        with _autocast(device, amp):
+        with autocast_if(device, amp):
             chunks.append(F.normalize(model.encode_text(ids).float(), dim=-1))
     embeddings = torch.cat(chunks)
     weights, start = [], 0
@@ -111,10 +113,6 @@ def _unpack(batch: Any) -> tuple[tuple, dict[str, Any], Any]:
     raise TypeError(f"a zero-shot loader yields (inputs, targets) pairs or mmblocks Batch objects, got {type(batch)}")
 
 
-def _to(value: Any, device: torch.device) -> Any:
-    return value.to(device) if isinstance(value, torch.Tensor) else value
-
-
 @torch.no_grad()
 def classify(
     model: Any,
@@ -133,9 +131,9 @@ def classify(
     logits, targets = [], []
     for batch in tqdm(dataloader, desc="zero-shot", disable=not progress):
         args, kwargs, target = _unpack(batch)
-        args = tuple(_to(a, device) for a in args)
-        kwargs = {k: _to(v, device) for k, v in kwargs.items()}
-        with _autocast(device, amp):
+        args = tuple(to_device(a, device) for a in args)
+        kwargs = {k: to_device(v, device) for k, v in kwargs.items()}
+        with autocast_if(device, amp):
             features = F.normalize(model.encode_image(*args, **kwargs).float(), dim=-1)
             logits.append((100.0 * features @ classifier.float()).float().cpu())
         targets.append(torch.as_tensor(target).cpu())
