@@ -140,6 +140,10 @@ def run_zeroshot(
     if task not in ("classification", "retrieval"):
         raise ConfigError(f"unknown zero-shot task {task!r}: classification or retrieval")
     data = Path(data)
+    index = data / "index.json"
+    modality = json.loads(index.read_text()).get("modality", "image") if index.is_file() else "image"
+    if modality != "image":
+        raise ConfigError(f"{data} holds {modality} samples; an open_clip model encodes images")
     out = Path(out) if out is not None else Path("runs") / "zeroshot" / data.name
     loader = build_loader(
         data,
@@ -179,7 +183,11 @@ def run_zeroshot(
             classnames=names,
             templates=prompts,
             metrics=metrics,
-            chance={"acc1": 1 / len(names), "acc5": min(5, len(names)) / len(names) if len(names) >= 5 else math.nan},
+            chance={
+                "acc1": 1 / len(names),
+                "acc5": 5 / len(names) if len(names) >= 5 else math.nan,
+                "mean_per_class_recall": 1 / len(names),
+            },
             per_class_recall={
                 n: (int(conf[i, i]) / int(conf[i].sum())) if conf[i].sum() else None for i, n in enumerate(names)
             },

@@ -300,6 +300,14 @@ def test_zeroshot_command_refuses_what_would_download(tmp_path, capsys):
     assert "open_clip:NAME" in capsys.readouterr().err
 
 
+def test_zeroshot_command_refuses_shards_of_another_modality(tiny_local_dir, tmp_path, capsys):
+    from mmblocks.cli import main
+
+    (tmp_path / "index.json").write_text(json.dumps({"modality": "points", "class_names": ["a", "b"]}))
+    assert main(["zeroshot", "--model", f"open_clip:local-dir:{tiny_local_dir}", "--data", str(tmp_path)]) == 2
+    assert "holds points samples" in capsys.readouterr().err
+
+
 def test_the_zero_shot_api_is_one_module():
     from mmblocks.eval import zeroshot
 
