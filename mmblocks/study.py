@@ -500,17 +500,24 @@ def _chance_of(summary: Mapping[str, Any]) -> dict[str, float] | None:
     return chance
 
 
-def left_chance(cell: Cell) -> bool | None:
+def _series(cell: Cell) -> dict | None:
+    """The metric series of a finished run's ``metrics.jsonl`` (`metric_series`), or None."""
+    f = cell.run_dir / "metrics.jsonl"
+    if cell.status != "done" or not f.is_file():
+        return None
+    return metric_series([json.loads(line) for line in f.read_text().splitlines() if line.strip()])
+
+
+def left_chance(cell: Cell, series: dict | None = None) -> bool | None:
     """Whether a finished run left chance (see `CHANCE_LOSS_FRACTION`); None where its task has no chance level or
-    the run logged no training loss."""
+    the run logged no training loss. `series`: the run's `_series`, when the caller has read it already."""
     if cell.status != "done" or not cell.summary:
         return None
     chance, test = _chance_of(cell.summary), cell.summary.get("test") or {}
-    f = cell.run_dir / "metrics.jsonl"
-    if not chance or "acc" not in test or not f.is_file():
+    series = series if series is not None else _series(cell)
+    if not chance or "acc" not in test or series is None:
         return None
-    records = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    losses = [v for _, v in metric_series(records).get(("train", "loss"), [])]
+    losses = [v for _, v in series.get(("train", "loss"), [])]
     if not losses:
         return None
     tail = losses[-max(1, len(losses) // 10) :]
@@ -550,19 +557,14 @@ def _sentence(arm: str, ref: str, d: Mapping[str, Any], mode: str, scale: float,
     return f"{head}{stats}. The interval includes zero: these seeds cannot tell {arm} from {ref}."
 
 
-def _curves(cells: Sequence[Cell], path: Path, metric: str) -> Path | None:
+def _curves(cells: Sequence[Cell], runs: Mapping[Path, dict | None], path: Path, metric: str) -> Path | None:
     """Training loss (EMA-smoothed) and the validation metric over steps, every seed of every arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {}
-    for cell in cells:
-        f = cell.run_dir / "metrics.jsonl"
-        if cell.status == "done" and f.is_file():
-            records = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-            series[(cell.arm, cell.seed)] = metric_series(records)
+    series = {(c.arm, c.seed): runs[c.run_dir] for c in cells if runs.get(c.run_dir) is not None}
     if not series:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -623,8 +625,9 @@ def write_study_report(spec: StudySpec, cells: Sequence[Cell]) -> dict[str, Any]
         better = "higher" if mode == "max" else "lower"
         lines += ["", f"## {where}", "", f"Metric: test `{metric}` ({better} is better).", ""]
         left = {arm: {} for arm in spec.arms}
+        runs = {cell.run_dir: _series(cell) for cell in group}  # each metrics.jsonl read once per report
         for cell in group:
-            verdict = left_chance(cell)
+            verdict = left_chance(cell, runs[cell.run_dir])
             if verdict is not None:
                 left[cell.arm][cell.seed] = verdict
         with_chance = any(left.values())
@@ -672,7 +675,7 @@ def write_study_report(spec: StudySpec, cells: Sequence[Cell]) -> dict[str, Any]
         lines += [""] + [f"- {s}" for s in sentences]
         if failed:
             lines += ["", "Failed runs: " + "; ".join(f"{c.arm} seed {c.seed} ({c.summary['error']})" for c in failed)]
-        png = _curves(group, spec.out / f"curves_{recipe}_{_folder(point)}.png", metric)
+        png = _curves(group, runs, spec.out / f"curves_{recipe}_{_folder(point)}.png", metric)
         if png is not None:
             lines += ["", f"![learning curves]({png.name})"]
         data["groups"].append(

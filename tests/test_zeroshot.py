@@ -98,12 +98,7 @@ def test_classification_equals_clip_benchmark(clip, n_classes, monkeypatch):
 
     # the whole oracle, with its `accuracy` helper's float() of a 1-element array (an error under NumPy 2) made a
     # .item(): the same count
-    def accuracy(output, target, topk=(1,)):
-        top = output.topk(max(topk), 1, True, True)[1].t()
-        hit = top.eq(target.view(1, -1).expand_as(top))
-        return [hit[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
-
-    monkeypatch.setattr(zsc, "accuracy", accuracy)
+    monkeypatch.setattr(zsc, "accuracy", lambda o, t, topk=(1,): [c / len(t) for c in _hits(o, t, topk)])
     full = zsc.evaluate(model, loader, tok, classes, TEMPLATES, "cpu", amp=False)
     assert ours == pytest.approx(full, nan_ok=True)
 
@@ -116,6 +111,14 @@ def test_metrics_count_exactly_on_hand_made_logits():
     assert math.isnan(m["acc5"])  # 3 classes
     # recalls: class 0 1/1, class 1 1/2, class 2 0/1 -> mean 0.5
     assert m["mean_per_class_recall"] == pytest.approx(0.5)
+
+
+def _hits(output, target, topk=(1,)):
+    """The oracles' top-k hit counts (CLIP_benchmark's and open_clip_train's `accuracy`), with ``.item()`` where they
+    call ``float()`` on a 1-element array, which NumPy 2 refuses."""
+    top = output.topk(max(topk), 1, True, True)[1].t()
+    hit = top.eq(target.view(1, -1).expand_as(top))
+    return [hit[:k].reshape(-1).float().sum().item() for k in topk]
 
 
 class _Captioned(Dataset):
@@ -276,12 +279,7 @@ def test_zeroshot_command_equals_open_clips_own_zero_shot_run(tiny_local_dir, di
     )
     pairs = [(b.inputs, b.label) for b in loader]
 
-    def accuracy(output, target, topk=(1,)):  # its helper's float() of a 1-element array fails under NumPy 2
-        top = output.topk(max(topk), 1, True, True)[1].t()
-        hit = top.eq(target.view(1, -1).expand_as(top))
-        return [hit[:k].reshape(-1).float().sum().item() for k in topk]
-
-    monkeypatch.setattr(oc_zero_shot, "accuracy", accuracy)
+    monkeypatch.setattr(oc_zero_shot, "accuracy", _hits)  # its helper's float() of a 1-element array: NumPy 2
     args = type("Args", (), {"device": "cpu", "precision": "fp32", "batch_size": 64})()
     top1, top5 = oc_zero_shot.run(zs.model, classifier, pairs, args)
     assert report["metrics"]["acc1"] == pytest.approx(top1)
