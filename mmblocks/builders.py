@@ -24,8 +24,9 @@ from tokenizers_mm.registry import RegistryError
 from .analysis import text_rms
 from .config import ConfigError, load_config
 from .errors import MMBlocksError
+from .heads import HEADS
 from .llm import load_blocks
-from .models import BACKBONES, LLMStage, MMEncoder, create_backbone, resolve_backbone
+from .models import BACKBONES, LLMStage, MMEncoder, create_backbone, create_text_tower, resolve_backbone
 from .tasks import TASKS, Task, create_task
 from .train.checkpoint import load_trainable_weights
 
@@ -33,6 +34,7 @@ __all__ = [
     "ENCODER_STAGES",
     "ast_llm",
     "build_encoder",
+    "build_text_tower",
     "build_llm_stage",
     "build_task",
     "build_tokenizer_and_backbone",
@@ -84,6 +86,10 @@ def build_task(cfg: Mapping[str, Any] | str | os.PathLike, num_classes: int | No
             if "class_names" in params:
                 options["class_names"] = list(names)
         options["num_classes"] = classes
+    elif "class_names" in params and not options.get("class_names"):  # optional there (a contrastive task's)
+        index = _data_index(cfg["data"])
+        if index is not None and index.class_names:
+            options["class_names"] = list(index.class_names)
     with config_errors("task"):
         return create_task(name, **options)
 
@@ -160,6 +166,16 @@ def build_llm_stage(llm_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], wi
     )
 
 
+def build_text_tower(tower_cfg: Mapping[str, Any]) -> nn.Module:
+    """The text tower a validated ``model.text_tower`` section names (`mmblocks.models.text_towers`), built from a
+    generator of its own so that the encoder's initialisation does not depend on it."""
+    options = dict(tower_cfg)
+    name = options.pop("name")
+    with torch.random.fork_rng(devices=[]), config_errors("model.text_tower"):
+        torch.manual_seed(torch.initial_seed() + 2)
+        return create_text_tower(name, **options)
+
+
 def _check_stages(stages: Sequence[str]) -> tuple[str, ...]:
     bad = [s for s in stages if s not in ENCODER_STAGES]
     if bad:
@@ -217,6 +233,14 @@ def build_encoder(
         name = options.pop("name")
         if "pool" in options and options["pool"] is None:  # the backbone's summary token (cls, or last)
             options["pool"] = backbone.readout
+        if m["text_tower"] is not None:
+            head_name = name or task.default_head
+            if "text_tower" not in HEADS.parameters(head_name):
+                raise ConfigError(
+                    f"model.text_tower is set but head {head_name!r} takes no text tower (task: contrastive trains "
+                    "one): drop model.text_tower"
+                )
+            options["text_tower"] = build_text_tower(m["text_tower"])
         with config_errors("model.head"):
             head = task.build_head(backbone.embed_dim, name, **options)
     with config_errors("model.insert_at"):

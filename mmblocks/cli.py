@@ -145,15 +145,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_zeroshot(args: argparse.Namespace) -> int:
     from .config import ConfigError
-    from .zeroshot_report import load_open_clip, run_zeroshot
+    from .zeroshot_report import load_mmblocks_run, load_open_clip, run_zeroshot
 
     source, _, name = args.model.partition(":")
-    if source != "open_clip" or not name:
+    if source not in ("open_clip", "mmblocks") or not name:
         raise ConfigError(
-            f"--model {args.model!r}: give open_clip:NAME (a built-in architecture, with --checkpoint FILE) or "
-            "open_clip:local-dir:PATH"
+            f"--model {args.model!r}: give open_clip:NAME (a built-in architecture, with --checkpoint FILE), "
+            "open_clip:local-dir:PATH or mmblocks:RUN_DIR (a task: contrastive run)"
         )
-    model = load_open_clip(name, args.checkpoint, device=args.device)
+    if source == "mmblocks":
+        if args.checkpoint is not None:
+            raise ConfigError("an mmblocks run carries its own weights (its best checkpoint); drop --checkpoint")
+        model = load_mmblocks_run(name, args.data, device=args.device)
+    else:
+        model = load_open_clip(name, args.checkpoint, device=args.device)
     report = run_zeroshot(
         model,
         args.data,
@@ -382,7 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     ge.set_defaults(func=_cmd_generate)
 
     zs = sub.add_parser("zeroshot", help="zero-shot classification / retrieval of shards by a CLIP-like model")
-    zs.add_argument("--model", required=True, help="open_clip:NAME (built-in architecture) or open_clip:local-dir:PATH")
+    zs.add_argument(
+        "--model",
+        required=True,
+        help="open_clip:NAME (built-in architecture), open_clip:local-dir:PATH or mmblocks:RUN_DIR (contrastive run)",
+    )
     zs.add_argument("--checkpoint", help="weights file of a built-in open_clip architecture (nothing is downloaded)")
     zs.add_argument("--data", required=True, help="shards folder (with index.json)")
     zs.add_argument("--split", default="test")

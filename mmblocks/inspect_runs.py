@@ -18,22 +18,10 @@ from .analysis.capture import Captured, capture_encoder
 from .builders import build_encoder
 from .config import ConfigError
 from .llm import resolve_source
-from .recipes import make_loader, prepare
+from .recipes import make_loader, prepare, run_config
 from .train.checkpoint import load_trainable_weights, weights_file
 
 __all__ = ["activation_maps", "analyze_blocks", "capture_run"]
-
-
-def _run_config(run: str | os.PathLike) -> Path:
-    path = Path(run)
-    for candidate in (
-        path / "config.yaml",
-        path.parent.parent / "config.yaml",
-        path.parent.parent.parent / "config.yaml",
-    ):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"{run}: not a run folder (no config.yaml in it or above its checkpoint)")
 
 
 def capture_run(
@@ -42,7 +30,7 @@ def capture_run(
     """The run's encoder (its config.yaml, its trained weights) on up to `samples` of `split` from `data` (default:
     the run's ``data.root``): ``(config, captured tokens)``."""
     overrides = [f"data.root={data}"] if data is not None else []
-    cfg, dist, task = prepare(_run_config(run), overrides)
+    cfg, dist, task = prepare(run_config(run), overrides)
     model = build_encoder(cfg, task=task, verbose=False).to(dist.device)
     load_trainable_weights(model, weights_file(run))
     loader = make_loader(cfg, split, train=False, task=task, dist_info=dist)

@@ -45,6 +45,7 @@ __all__ = [
     "loader_options",
     "make_loader",
     "prepare",
+    "run_config",
     "run_info",
     "train",
 ]
@@ -131,6 +132,19 @@ def run_info(cfg: Config) -> dict[str, Any]:
         "backbone": m["backbone"]["name"],
         "llm": f"{llm['source']} layers {llm['layers']} tune={llm['tune']}" if llm["enabled"] else "none",
     }
+
+
+def run_config(run: str | os.PathLike) -> Path:
+    """The ``config.yaml`` of a run folder, found from the folder or from a checkpoint folder inside it."""
+    path = Path(run)
+    for candidate in (
+        path / "config.yaml",
+        path.parent.parent / "config.yaml",
+        path.parent.parent.parent / "config.yaml",
+    ):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{run}: not a run folder (no config.yaml in it or above its checkpoint)")
 
 
 def prepare(config: ConfigLike, overrides: Sequence[str] = ()) -> tuple[Config, DistInfo, Task]:

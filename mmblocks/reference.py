@@ -73,7 +73,7 @@ def _config_rows(section: dict[str, Any], prefix: str) -> list[str]:
                 doc = "; ".join(filter(None, (doc, "a registered name (Registries above)")))
             rows.append(f"| `{path}` | {_value(spec.default)} | {doc.replace('|', '/')} |")
         elif isinstance(spec, Component):
-            default = spec.default if spec.default is not None else "(from the task)"
+            default = spec.default if spec.default is not None else ("null" if spec.optional else "(from the task)")
             doc = spec.doc.replace("|", "/") + "; its constructor's arguments beside `name`"
             rows.append(f"| `{path}.name` | `{default}` | {doc} |")
         else:

@@ -4,7 +4,9 @@ report (``zeroshot.json``, ``zeroshot.md`` and, for classification, ``confusion.
 Models: ``open_clip:NAME`` with ``NAME`` a built-in open_clip architecture (its weights from ``--checkpoint FILE``, or
 random with a warning in the report) or ``local-dir:PATH`` (a folder with ``open_clip_config.json`` and its weights
 file). Nothing is downloaded: ``hf-hub:`` names and pretrained tags are refused. The images are loaded with the
-model's own input size, mean and std (``open_clip.get_model_preprocess_cfg``).
+model's own input size, mean and std (``open_clip.get_model_preprocess_cfg``). ``mmblocks:RUN`` is a trained
+``task: contrastive`` run folder (its ``config.yaml`` and best weights, or a checkpoint folder inside it), in any
+modality: the samples are loaded as the run's ``data`` section says, from the ``--data`` shards.
 
 Class names come from the shards' ``index.json`` unless a file is given (a JSON list or one name per line);
 templates from a file (a JSON list of ``{c}`` strings, a JSON ``{class: [prompts]}`` dict, or one template per line),
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,14 @@ import torch
 from .config import ConfigError
 from .eval import classification_metrics, classify, evaluate_retrieval, zero_shot_classifier
 
-__all__ = ["DEFAULT_TEMPLATES", "ZeroShotModel", "load_open_clip", "read_lines_or_json", "run_zeroshot"]
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "ZeroShotModel",
+    "load_mmblocks_run",
+    "load_open_clip",
+    "read_lines_or_json",
+    "run_zeroshot",
+]
 
 DEFAULT_TEMPLATES = ["a photo of a {c}."]
 
@@ -41,6 +51,8 @@ class ZeroShotModel:
     std: tuple[float, ...]
     name: str
     weights: str  # where the weights came from, or "random init"
+    loader: Callable[[Path, str, tuple[str, ...]], Any] | None = None  # (shards, split, fields) -> loader
+    templates: list[str] | None = None  # the default prompts (a contrastive run's training templates)
 
 
 def load_open_clip(name: str, checkpoint: str | Path | None = None, device: str = "cpu") -> ZeroShotModel:
@@ -84,6 +96,33 @@ def load_open_clip(name: str, checkpoint: str | Path | None = None, device: str 
         name,
         weights,
     )
+
+
+def load_mmblocks_run(run: str | Path, data: str | Path | None = None, device: str = "cpu") -> ZeroShotModel:
+    """A trained ``task: contrastive`` run as a CLIP-like model (`mmblocks.models.ContrastiveModel`): its config,
+    its best (else last) weights, and a loader of the run's modality for other shards."""
+    from .builders import build_encoder
+    from .data import build_loader
+    from .models import ContrastiveModel
+    from .recipes import loader_options, prepare, run_config
+    from .train.checkpoint import load_trainable_weights, weights_file
+
+    overrides = [f"data.root={data}", f"train.device={device}"] if data is not None else [f"train.device={device}"]
+    cfg, _, task = prepare(run_config(run), overrides)
+    if cfg["task"]["name"] != "contrastive":
+        raise ConfigError(f"{run} trained task {cfg['task']['name']!r}; zero-shot needs a task: contrastive run")
+    encoder = build_encoder(cfg, task=task, verbose=False)
+    weights = weights_file(run)
+    load_trainable_weights(encoder, weights)
+    model = ContrastiveModel(encoder).to(device).eval()
+    d = cfg["data"]
+
+    def loader(shards: Path, split: str, fields: tuple[str, ...]) -> Any:
+        options = {**loader_options(d), "batch_size": d["eval_batch_size"] or d["batch_size"]}
+        return build_loader(shards, split, **{**options, "augment": False, "shuffle": False, "fields": fields})
+
+    templates = list(cfg["task"].get("templates") or []) or None
+    return ZeroShotModel(model, model.tokenizer, 0, (), (), f"mmblocks:{run}", str(weights), loader, templates)
 
 
 def read_lines_or_json(path: str | Path) -> Any:
@@ -142,34 +181,39 @@ def run_zeroshot(
     data = Path(data)
     index = data / "index.json"
     modality = json.loads(index.read_text()).get("modality", "image") if index.is_file() else "image"
-    if modality != "image":
-        raise ConfigError(f"{data} holds {modality} samples; an open_clip model encodes images")
     out = Path(out) if out is not None else Path("runs") / "zeroshot" / data.name
-    loader = build_loader(
-        data,
-        split,
-        batch_size=batch_size,
-        image_size=model.image_size,
-        num_workers=num_workers,
-        shuffle=False,
-        augment="none",
-        channels=3,
-        mean=model.mean,
-        std=model.std,
-        fields=("txt",) if task == "retrieval" else None,
-    )
+    fields = ("txt",) if task == "retrieval" else ("cls",)
+    if model.loader is not None:
+        loader = model.loader(data, split, fields)
+    else:
+        if modality != "image":
+            raise ConfigError(f"{data} holds {modality} samples; an open_clip model encodes images")
+        loader = build_loader(
+            data,
+            split,
+            batch_size=batch_size,
+            image_size=model.image_size,
+            num_workers=num_workers,
+            shuffle=False,
+            augment="none",
+            channels=3,
+            mean=model.mean,
+            std=model.std,
+            fields=fields if task == "retrieval" else None,
+        )
     report: dict[str, Any] = {
         "model": model.name,
         "weights": model.weights,
         "data": str(data),
         "split": split,
         "task": task,
+        "modality": modality,
         "image_size": model.image_size,
     }
     out.mkdir(parents=True, exist_ok=True)
     if task == "classification":
         names = _class_names(data, classnames)
-        prompts = _templates(templates)
+        prompts = _templates(templates) if templates is not None or not model.templates else list(model.templates)
         classifier = zero_shot_classifier(model.model, model.tokenizer, names, prompts, device, progress=True)
         logits, targets = classify(model.model, classifier, loader, device, progress=True)
         if int(targets.max()) >= len(names):
@@ -205,7 +249,12 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Zero-shot {report['task']}: {report['model']} on {report['data']} ({report['split']})",
         "",
-        f"Weights: {report['weights']}. Images at {report['image_size']} px with the model's mean and std.",
+        f"Weights: {report['weights']}. "
+        + (
+            f"Images at {report['image_size']} px with the model's mean and std."
+            if report["image_size"]
+            else f"{report['modality'].capitalize()} samples loaded as the run's data section says."
+        ),
     ]
     if report["weights"] == "random init":
         lines += ["", "**The model has random weights**: these figures measure nothing but chance."]

@@ -90,3 +90,9 @@ def small_datasets(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def digit_shards(small_datasets: Callable[[str], Path]) -> Path:
+    """The `digits` shards (scikit-learn's 1797 real 8x8 digits), made once per session."""
+    return small_datasets("digits")

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from mmblocks.config import ConfigError, load_config
-from mmblocks.data import make_dataset
 from mmblocks.heads import register_head
 from mmblocks.recipes import build_trainer
 from tokenizers_mm import Tokens
@@ -30,16 +29,9 @@ class MLPHead(nn.Module):
         return self.net(tokens.x.mean(1))
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    make_dataset("digits", root, seed=0, progress=False)
-    return root
-
-
-def test_a_registered_head_is_validated_built_and_trained_from_a_config(digits, tmp_path):
+def test_a_registered_head_is_validated_built_and_trained_from_a_config(digit_shards, tmp_path):
     overrides = [
-        f"data.root={digits}",
+        f"data.root={digit_shards}",
         f"train.out_dir={tmp_path}",
         "data.channels=1",
         "data.image_size=16",

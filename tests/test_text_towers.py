@@ -1,5 +1,6 @@
 """Text towers against their oracles: `transformers`' own AutoModel + AutoTokenizer with the same mean pooling (the
-real all-MiniLM-L6-v2 weights of the offline package), and open_clip's own encode_text."""
+real all-MiniLM-L6-v2 weights of the offline package, and for ``llm_blocks`` a decoder LM run causally), and
+open_clip's own encode_text."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from mmblocks.llm.sources import resolve_source
-from mmblocks.models import MiniLMTower, OpenCLIPTextTower, create_text_tower, list_text_towers
+from mmblocks.models import LLMBlocksTower, MiniLMTower, OpenCLIPTextTower, create_text_tower, list_text_towers
+from tokenizers_mm import Tokens
 
 SENTENCES = ["a photo of a dog", "a picture of a puppy", "the stock market crashed today", "seven"]
 
@@ -22,7 +24,7 @@ def minilm():
 
 
 def test_towers_are_registered():
-    assert {"minilm", "open_clip"} <= set(list_text_towers())
+    assert {"minilm", "open_clip", "llm_blocks"} <= set(list_text_towers())
 
 
 def test_minilm_equals_transformers_automodel_with_mean_pooling(minilm):
@@ -81,6 +83,62 @@ def test_open_clip_text_tower_equals_encode_text(tmp_path):
     assert ids.shape == (4, 12) and not hasattr(tower.clip, "visual")
     with torch.no_grad():
         torch.testing.assert_close(tower(ids), reference.encode_text(ids))
+    assert tower._trimmable()  # the columns after the longest prompt were cut: the same features
     assert tower.width == 24
     with pytest.raises(ValueError, match="would be downloaded"):
         OpenCLIPTextTower("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+
+
+def _ids(tower: LLMBlocksTower, vocab: int) -> torch.Tensor:
+    """Three right-padded rows of random ids below `vocab`, avoiding the pad id."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (3, 9), generator=g)
+    ids[ids == tower.pad_id] = 3
+    ids[1, 6:] = tower.pad_id
+    ids[2, 3:] = tower.pad_id
+    return ids
+
+
+def test_llm_blocks_causal_equals_the_lm_itself_with_mean_pooling(tiny_checkpoint):
+    """With causal attention and every layer, the tower is the decoder's own last hidden state (the model's final
+    norm included), mean-pooled over the real tokens: `transformers`' AutoModel is the oracle."""
+    from transformers import AutoModel
+
+    folder = tiny_checkpoint("llama")
+    tower = LLMBlocksTower(str(folder), attention="causal", tokenizer="smollm2-135m")
+    reference = AutoModel.from_pretrained(folder).eval()
+    ids = _ids(tower, reference.config.vocab_size)
+    mask = (ids != tower.pad_id).long()
+    with torch.no_grad():
+        states = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        torch.testing.assert_close(tower(ids), (states * m).sum(1) / m.sum(1), rtol=1e-4, atol=1e-5)
+    assert tower.width == reference.config.hidden_size and tower.tune == "frozen"
+    assert not any(p.requires_grad for p in tower.parameters())
+
+
+def test_llm_blocks_bidirectional_sees_ahead_and_ignores_padding(tiny_checkpoint):
+    folder = tiny_checkpoint("llama")
+    tower = LLMBlocksTower(str(folder), tokenizer="smollm2-135m")
+    ids = _ids(tower, 128)
+    with torch.no_grad():
+        full = tower(ids)
+        alone = torch.cat([tower(row[row != tower.pad_id][None]) for row in ids])
+        torch.testing.assert_close(full, alone, rtol=1e-4, atol=1e-5)  # padding changes nothing
+        first = tower.blocks(Tokens(tower.embed(ids[:1]))).x[0, 0]
+        changed = ids[:1].clone()
+        changed[0, -1] = changed[0, -1] % 100 + 4
+        moved = tower.blocks(Tokens(tower.embed(changed))).x[0, 0]
+    assert not torch.allclose(first, moved)  # the first token sees the last one: bidirectional
+
+
+def test_llm_blocks_lora_trains_only_the_adapters(tiny_checkpoint):
+    tower = LLMBlocksTower(str(tiny_checkpoint("llama")), tune="lora", tune_kwargs={"r": 2}, tokenizer="smollm2-135m")
+    trainable = [n for n, p in tower.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable) and tower.tune == "lora"
+    tower.train()
+    tower(_ids(tower, 128)).pow(2).sum().backward()
+    assert all(p.grad is not None for p in tower.parameters() if p.requires_grad)
+    assert tower.embed.weight.grad is None
+    with pytest.raises(ValueError, match="'frozen', 'lora' or 'full'"):
+        LLMBlocksTower(str(tiny_checkpoint("llama")), tune="gated", tokenizer="smollm2-135m")

@@ -233,15 +233,6 @@ def tiny_local_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def digit_shards(tmp_path_factory):
-    from mmblocks.data import make_dataset
-
-    root = tmp_path_factory.mktemp("digits")
-    make_dataset("digits", root, seed=0, progress=False)
-    return root
-
-
 def test_zeroshot_command_equals_open_clips_own_zero_shot_run(tiny_local_dir, digit_shards, tmp_path, monkeypatch):
     from open_clip_train import zero_shot as oc_zero_shot
 

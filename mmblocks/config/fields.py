@@ -53,6 +53,7 @@ class Component:
         defaults: config-level defaults that differ from the constructor's (e.g. a head's ``pool: null`` = the
             backbone's readout).
         default_from: the entry's name from the already validated config when neither given nor `default`.
+        optional: an absent (or null) section stays None: the part is not built.
     """
 
     registry: Callable[[], Any]
@@ -62,6 +63,7 @@ class Component:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     default_from: Callable[[dict[str, Any]], str] | None = None
     doc: str = ""
+    optional: bool = False
 
 
 Schema = dict[str, "Field | Component | Schema"]

@@ -66,7 +66,9 @@ def _unknown_key(key: str, allowed: Iterable[str], parts: list[str]) -> ConfigEr
     )
 
 
-def _validate_component(comp: Component, data: Any, parts: list[str], cfg: dict[str, Any]) -> dict[str, Any]:
+def _validate_component(comp: Component, data: Any, parts: list[str], cfg: dict[str, Any]) -> dict[str, Any] | None:
+    if data is None and comp.optional:
+        return None
     if data is None:
         data = {}
     if isinstance(data, str):  # shorthand: `task: classification`

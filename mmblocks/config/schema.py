@@ -44,6 +44,12 @@ def _heads():
     return HEADS
 
 
+def _text_towers():
+    from ..models.text_towers import TEXT_TOWERS
+
+    return TEXT_TOWERS
+
+
 def _task_head(cfg: dict[str, Any]) -> str:
     return _tasks().get(cfg["task"]["name"]).default_head
 
@@ -170,10 +176,15 @@ _BASE_SCHEMA: Schema = {
         ),
         "head": Component(
             _heads,
-            builder_args=("in_dim", "num_classes"),
+            builder_args=("in_dim", "num_classes", "text_tower"),
             defaults={"pool": None},
             default_from=_task_head,
             doc="the task's head (default: the task's own, e.g. classifier); pool null: the backbone's readout",
+        ),
+        "text_tower": Component(
+            _text_towers,
+            optional=True,
+            doc="the text tower of a contrastive head (task: contrastive): minilm, open_clip or llm_blocks; null: none",
         ),
         "num_classes": Field(None, INT, nullable=True, doc="default: from the shards' index.json"),
         "init": {

@@ -169,6 +169,23 @@ class Batch(NamedTuple):
             kwargs["mask"] = self.mask
         return (self.inputs,), kwargs
 
+    def select(self, index: Sequence[int]) -> Batch:
+        """The samples `index` (in that order) of this batch: tensors, keys and per-sample fields alike."""
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, idx.to(t.device))
+
+        keep = idx.tolist()
+        return Batch(
+            pick(self.inputs),
+            pick(self.label),
+            [self.key[i] for i in keep],
+            pick(self.mask),
+            {k: pick(v) for k, v in self.extra.items()},
+            {k: (pick(v) if isinstance(v, torch.Tensor) else [v[i] for i in keep]) for k, v in self.fields.items()},
+        )
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ._device import autocast_if, to_device
 
-__all__ = ["evaluate_retrieval", "retrieval_metrics"]
+__all__ = ["evaluate_retrieval", "grouped_retrieval_metrics", "retrieval_metrics"]
 
 
 def _hits(scores: torch.Tensor, positive: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], k: int, rows: int):
@@ -127,3 +127,39 @@ def evaluate_retrieval(
     if not texts:
         raise ValueError("the retrieval loader yielded no captions")
     return retrieval_metrics(torch.cat(items), torch.cat(texts), text_item, recall_k)
+
+
+def grouped_retrieval_metrics(
+    item_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    item_text: torch.Tensor | Sequence[int],
+    recall_k: Sequence[int] = (1, 5, 10),
+    rows: int = 1024,
+) -> dict[str, float]:
+    """Recall@k both ways when several items share one text (a class prompt, a caption repeated across items):
+    `item_text` ``[N]`` gives each item's text among the ``[T, D]`` `text_embeddings`. ``image_retrieval_recall@k``:
+    a text finds one of its items among its top k items; ``text_retrieval_recall@k``: an item finds its text among
+    the top k texts. These are CLIP_benchmark's ``recall_at_k`` with the positive pairs ``item_text[i] == t``."""
+    item_text = torch.as_tensor(item_text, dtype=torch.long)
+    n, t = len(item_embeddings), len(text_embeddings)
+    if item_embeddings.ndim != 2 or text_embeddings.ndim != 2 or item_embeddings.shape[1] != text_embeddings.shape[1]:
+        raise ValueError(
+            f"expected item [N, D] and text [T, D] embeddings, got {tuple(item_embeddings.shape)} and "
+            f"{tuple(text_embeddings.shape)}"
+        )
+    if item_text.shape != (n,) or (n and (item_text.min() < 0 or item_text.max() >= t)):
+        raise ValueError(f"item_text must give each of the {n} items a text index in [0, {t}), got {item_text}")
+    if n == 0 or t == 0:
+        raise ValueError("retrieval needs at least one item and one text")
+    if len(set(item_text.tolist())) != t:
+        raise ValueError("every text needs at least one item (drop the texts no item has)")
+    scores = text_embeddings.float() @ item_embeddings.float().T  # [T, N]
+    metrics = {}
+    for k in recall_k:
+        if not 1 <= k <= min(n, t):
+            raise ValueError(f"recall@{k} needs 1 <= k <= min(items, texts) = {min(n, t)}")
+        found_item = _hits(scores, lambda q, top: item_text[top] == q[:, None], k, rows)
+        found_text = _hits(scores.T, lambda q, top: top == item_text[q, None], k, rows)
+        metrics[f"image_retrieval_recall@{k}"] = found_item.float().mean().item()
+        metrics[f"text_retrieval_recall@{k}"] = found_text.float().mean().item()
+    return metrics

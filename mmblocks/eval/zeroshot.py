@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ._device import autocast_if, to_device
-from .retrieval import evaluate_retrieval, retrieval_metrics
+from .retrieval import evaluate_retrieval, grouped_retrieval_metrics, retrieval_metrics
 
 __all__ = [
     "classification_metrics",
@@ -39,6 +39,7 @@ __all__ = [
     "evaluate_classification",
     "evaluate_retrieval",
     "fill_template",
+    "grouped_retrieval_metrics",
     "retrieval_metrics",
     "zero_shot_classifier",
 ]

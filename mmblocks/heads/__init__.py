@@ -1,6 +1,7 @@
 """Heads on top of `Tokens`, registered by name (`create_head`, `list_heads`)."""
 
-from .classification import POOLING, ClassifierHead, Pooling
+from .classification import POOLING, ClassifierHead, Pooling, pool_tokens
+from .contrastive import CONTRASTIVE_PROJECTIONS, ContrastiveHead
 from .ctc import CharVocab, CTCHead, CTCOutput
 from .prefix_lm import IGNORE_INDEX, PrefixLMHead, PrefixLMOutput, SplicedBatch
 from .prompt import PLACEHOLDER_ID, PromptFormat
@@ -11,8 +12,10 @@ __all__ = [
     "IGNORE_INDEX",
     "PLACEHOLDER_ID",
     "POOLING",
+    "CONTRASTIVE_PROJECTIONS",
     "CharVocab",
     "ClassifierHead",
+    "ContrastiveHead",
     "CTCHead",
     "CTCOutput",
     "Pooling",
@@ -22,5 +25,6 @@ __all__ = [
     "SplicedBatch",
     "create_head",
     "list_heads",
+    "pool_tokens",
     "register_head",
 ]

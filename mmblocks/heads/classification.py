@@ -12,10 +12,34 @@ from tokenizers_mm import Tokens
 
 from .registry import register_head
 
-__all__ = ["ClassifierHead", "POOLING", "Pooling"]
+__all__ = ["ClassifierHead", "POOLING", "Pooling", "pool_tokens"]
 
 Pooling = Literal["cls", "mean", "last", "cls+max"]
 POOLING: tuple[str, ...] = get_args(Pooling)
+
+
+def pool_tokens(tokens: Tokens, pool: Pooling) -> torch.Tensor:
+    """One vector per sample from `tokens` ``[B, N, D]``: ``[B, D]`` (``[B, 2D]`` for ``cls+max``); see `POOLING`."""
+    x, mask = tokens.x, tokens.mask
+    if pool in ("cls", "cls+max") and tokens.num_prefix < 1:
+        raise ValueError(f"pool={pool!r} needs a cls token (num_prefix >= 1), got num_prefix=0")
+    if pool == "last":
+        if mask is None:
+            return x[:, -1]
+        last = mask.long().cumsum(1).argmax(1)  # index of the last real token
+        return x[torch.arange(x.shape[0], device=x.device), last]
+    if pool == "cls":
+        return x[:, 0]
+    grid = tokens.x[:, tokens.num_prefix : tokens.num_tokens - tokens.num_suffix]
+    gmask = mask[:, tokens.num_prefix : tokens.num_tokens - tokens.num_suffix] if mask is not None else None
+    if pool == "mean":
+        if gmask is None:
+            return grid.mean(1)
+        w = gmask.unsqueeze(-1).to(grid.dtype)
+        return (grid * w).sum(1) / w.sum(1).clamp_min(1.0)
+    if gmask is not None:
+        grid = grid.masked_fill(~gmask.unsqueeze(-1), torch.finfo(grid.dtype).min)
+    return torch.cat([x[:, 0], grid.amax(1)], dim=-1)
 
 
 @register_head("classifier")
@@ -41,26 +65,7 @@ class ClassifierHead(nn.Module):
 
     def pool_tokens(self, tokens: Tokens) -> torch.Tensor:
         """``[B, N, D] -> [B, D]`` (``[B, 2D]`` for ``cls+max``)."""
-        x, mask = tokens.x, tokens.mask
-        if self.pool in ("cls", "cls+max") and tokens.num_prefix < 1:
-            raise ValueError(f"pool={self.pool!r} needs a cls token (num_prefix >= 1), got num_prefix=0")
-        if self.pool == "last":
-            if mask is None:
-                return x[:, -1]
-            last = mask.long().cumsum(1).argmax(1)  # index of the last real token
-            return x[torch.arange(x.shape[0], device=x.device), last]
-        if self.pool == "cls":
-            return x[:, 0]
-        grid = tokens.x[:, tokens.num_prefix : tokens.num_tokens - tokens.num_suffix]
-        gmask = mask[:, tokens.num_prefix : tokens.num_tokens - tokens.num_suffix] if mask is not None else None
-        if self.pool == "mean":
-            if gmask is None:
-                return grid.mean(1)
-            w = gmask.unsqueeze(-1).to(grid.dtype)
-            return (grid * w).sum(1) / w.sum(1).clamp_min(1.0)
-        if gmask is not None:
-            grid = grid.masked_fill(~gmask.unsqueeze(-1), torch.finfo(grid.dtype).min)
-        return torch.cat([x[:, 0], grid.amax(1)], dim=-1)
+        return pool_tokens(tokens, self.pool)
 
     def forward(self, tokens: Tokens) -> torch.Tensor:
         if tokens.dim != self.in_dim:

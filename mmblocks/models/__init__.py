@@ -7,11 +7,13 @@ from .ast import AST_PRESETS, AST_TOKENIZER, ast_backbone, ast_from_hf, ast_toke
 from .backbones import TimmViT, create_timm_vit, vit
 from .base import Backbone, BackboneBase, check_backbone
 from .causal_vit import CAUSAL_VIT_PRESETS, CausalViT, causal_vit
+from .contrastive import ContrastiveModel
 from .encoder import LLMStage, MMEncoder
 from .point_transformer import PointTransformer
 from .registry import BACKBONES, builder_args, create_backbone, list_backbones, register_backbone, resolve_backbone
 from .text_towers import (
     TEXT_TOWERS,
+    LLMBlocksTower,
     MiniLMTower,
     OpenCLIPTextTower,
     TextTower,
@@ -33,6 +35,8 @@ __all__ = [
     "AST_TOKENIZER",
     "BACKBONES",
     "TEXT_TOWERS",
+    "ContrastiveModel",
+    "LLMBlocksTower",
     "MiniLMTower",
     "OpenCLIPTextTower",
     "TextTower",

@@ -2,6 +2,7 @@
 
 from .base import Metrics, StepOutput, Task
 from .classification import ClassificationMetrics, ClassificationTask
+from .contrastive import ContrastiveMetrics, ContrastiveTask, unwrap_model
 from .ctc import CTCMetrics, CTCTask
 from .prefix_lm import PREFIX_LM_METRICS, PrefixLMMetrics, PrefixLMTask, prefix_lm_head, take_tokens
 from .registry import TASKS, create_task, list_tasks, register_task
@@ -10,6 +11,8 @@ __all__ = [
     "TASKS",
     "ClassificationMetrics",
     "ClassificationTask",
+    "ContrastiveMetrics",
+    "ContrastiveTask",
     "CTCMetrics",
     "CTCTask",
     "Metrics",
@@ -23,4 +26,5 @@ __all__ = [
     "prefix_lm_head",
     "register_task",
     "take_tokens",
+    "unwrap_model",
 ]
