@@ -338,3 +338,22 @@ def test_zeroshot_command_on_a_trained_contrastive_run(digit_shards, tmp_path):
     zs = load_mmblocks_run(run, digit_shards)
     assert isinstance(zs.model, ContrastiveModel) and zs.weights.endswith(".safetensors")
     assert main([*argv, "--task", "retrieval", "--out", str(tmp_path / "zr"), "--workers", "0"]) == 2  # no txt
+
+
+def test_motion_metric_parses_the_best_caption_against_the_clips_own():
+    from mmblocks.data.moving_digits import caption
+    from mmblocks.tasks import ContrastiveMetrics
+
+    texts = [caption(3, 0), caption(3, 2), caption(5, 0), caption(5, 2)]
+    emb = torch.eye(4)
+    metrics = ContrastiveMetrics(torch.device("cpu"), recall_k=(1,), metrics=("motion",))
+    metrics.texts = dict(zip(texts, emb))
+    # four clips of "3 moving E" etc.; the features pick: right, wrong direction, wrong digit, both wrong
+    truth, picked = [0, 1, 2, 3], [0, 0, 0, 0]
+    metrics.add(torch.tensor(0.0), emb[picked], [texts[i] for i in truth], [False, True, False, True])
+    metrics.sync()
+    out = metrics.compute()
+    assert out["digit_acc"] == 0.5 and out["direction_acc"] == 0.5 and out["motion_acc"] == 0.25
+    assert out["digit_acc_held_out"] == 0.5 and out["direction_acc_held_out"] == 0.0  # clips 1 and 3
+    with pytest.raises(ValueError, match="motion metric reads"):
+        ContrastiveTask(text="class", classnames=CLASSES, metrics=["motion"])

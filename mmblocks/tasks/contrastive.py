@@ -29,14 +29,20 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..data.moving_digits import parse_caption
 from ..eval import classification_metrics, fill_template, grouped_retrieval_metrics
 from ..heads import ContrastiveHead
 from .base import Metrics, StepOutput, Task, all_gather_rows, all_reduce_sum_
+from .prefix_lm import motion_scores
 from .registry import register_task
 
-__all__ = ["ContrastiveMetrics", "ContrastiveTask", "unwrap_model"]
+__all__ = ["CONTRASTIVE_METRICS", "ContrastiveMetrics", "ContrastiveTask", "unwrap_model"]
 
 _LOSSES = ("clip", "siglip")
+#: Extra figures of the predicted texts: ``motion`` parses moving-digit captions (the digit and the direction of the
+#: best-scoring caption against the clip's own: ``digit_acc``, ``direction_acc``, ``motion_acc``, each also
+#: ``_held_out``).
+CONTRASTIVE_METRICS = ("motion",)
 
 
 def unwrap_model(model: Any) -> Any:
@@ -58,9 +64,16 @@ class ContrastiveMetrics(Metrics):
     """The split's item embeddings with the text of each, the texts' embeddings, and the summed loss; scored as
     zero-shot classification and grouped retrieval at `compute` (see the module docstring)."""
 
-    def __init__(self, device: torch.device, recall_k: Sequence[int] = (1, 5), class_names: Sequence[str] = ()):
+    def __init__(
+        self,
+        device: torch.device,
+        recall_k: Sequence[int] = (1, 5),
+        class_names: Sequence[str] = (),
+        metrics: Sequence[str] = (),
+    ):
         self.recall_k = tuple(recall_k)
         self.class_names = list(class_names)
+        self.metrics = tuple(metrics)
         self.rows: list[tuple[str, bool]] = []  # per item: its text, held out or not
         self.items: list[torch.Tensor] = []
         self.texts: dict[str, torch.Tensor] = {}  # text -> normalised embedding [E] (class: the prompt ensemble)
@@ -114,6 +127,14 @@ class ContrastiveMetrics(Metrics):
                 items, weights[present], torch.tensor([remap[c] for c in targets.tolist()]), recall_k=ks
             )
         )
+        if "motion" in self.metrics:  # the predicted caption's digit and direction against the clip's own
+            predicted = [names[i] for i in logits.argmax(1).tolist()]
+            rows = []
+            for (text, h), guess in zip(self.rows, predicted):
+                digit, direction = parse_caption(text)
+                if digit is not None and direction is not None:
+                    rows.append({"prediction": guess, "digit": digit, "direction": direction, "held_out": h})
+            out.update(motion_scores(rows))
         return out
 
 
@@ -135,6 +156,8 @@ class ContrastiveTask(Task):
             trained on (``moving-digit-captions``: ``held_out``); None: no such split.
         cache_text: cache the output of a locked text tower per distinct text (LiT); ignored for a tower that trains.
         recall_k: the k of the retrieval recalls at evaluation.
+        metrics: extra figures of the best-scoring texts (`CONTRASTIVE_METRICS`): ``motion`` for moving-digit
+            captions.
         monitor: the validation metric that picks the best step (default ``acc1``, maximised; ``loss`` minimised).
     """
 
@@ -152,6 +175,7 @@ class ContrastiveTask(Task):
         held_out_key: str | None = None,
         cache_text: bool = True,
         recall_k: Sequence[int] = (1, 5),
+        metrics: Sequence[str] = (),
         monitor: str = "acc1",
     ):
         if loss not in _LOSSES:
@@ -181,6 +205,12 @@ class ContrastiveTask(Task):
         self.held_out_key = held_out_key
         self.cache_text = bool(cache_text)
         self.recall_k = tuple(int(k) for k in recall_k)
+        unknown = sorted(set(metrics) - set(CONTRASTIVE_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; choose from {list(CONTRASTIVE_METRICS)}")
+        if "motion" in metrics and text != "txt":
+            raise ValueError("the motion metric reads moving-digit captions (text: txt)")
+        self.metrics = tuple(metrics)
         self.monitor = (monitor, "min" if monitor == "loss" else "max")
         self.fields = ("cls",) if text == "class" else ("txt",) + (("json",) if held_out_key else ())
         self._loss: Any = None
@@ -297,7 +327,7 @@ class ContrastiveTask(Task):
     # ------------------------------------------------------------------ evaluation
     def new_metrics(self, device: torch.device) -> ContrastiveMetrics:
         names = self.class_names if self.text == "class" else ()
-        return ContrastiveMetrics(device, self.recall_k, names)
+        return ContrastiveMetrics(device, self.recall_k, names, self.metrics)
 
     @torch.no_grad()
     def class_embeddings(self, head: ContrastiveHead, device: torch.device) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from ..llm import LM_TUNE_MODES, load_lm, load_tokenizer, set_lm_checkpointing
 from .base import Metrics, StepOutput, Task, all_gather_rows, all_reduce_sum_
 from .registry import register_task
 
-__all__ = ["PREFIX_LM_METRICS", "PrefixLMMetrics", "PrefixLMTask", "prefix_lm_head", "take_tokens"]
+__all__ = ["PREFIX_LM_METRICS", "PrefixLMMetrics", "PrefixLMTask", "motion_scores", "prefix_lm_head", "take_tokens"]
 
 #: Metrics of the generated text a config may ask for, and the numbers each one reports (``exact_match`` also per
 #: question type: ``exact_match_count``, ...).
@@ -149,7 +149,7 @@ class PrefixLMMetrics(Metrics):
         if "cider" in self.metrics:
             out["cider"] = cider([[r] for r in refs], hyps)
         if "motion" in self.metrics:
-            out.update(_motion_scores(self.rows))
+            out.update(motion_scores(self.rows))
         return out
 
     def report(self, out_dir: Path, split: str) -> list[tuple[str, str]]:
@@ -166,7 +166,7 @@ class PrefixLMMetrics(Metrics):
         return [(f"Generations ({split})", f"All in [{path.name}]({path.name}).\n\n" + "\n".join(lines) + "\n")]
 
 
-def _motion_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
+def motion_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Digit / direction / both accuracy of captions parsed with `parse_caption`, overall and on the held-out
     (digit, direction) pairs (rows need ``digit`` and ``direction`` from the sample's json)."""
     scored = [r for r in rows if r.get("digit") is not None and r.get("direction") is not None]
