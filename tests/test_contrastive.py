@@ -182,6 +182,7 @@ def test_held_out_classes_never_reach_the_model_and_are_scored_apart(minilm, mon
     results, _ = evaluate(encoder, task, [_batch(12, seed=7), _batch(6, seed=8)])
     assert results["samples"] == 18 and results["candidates"] == 6
     assert {"acc1", "acc5", "mean_per_class_recall", "acc1_held_out", "acc1_seen", "loss"} <= set(results)
+    assert results["held_out_candidates"] == 2 and results["acc1_held_out_restricted"] >= results["acc1_held_out"]
     model = ContrastiveModel(encoder).eval()
     pairs = [(b.inputs, b.label) for b in (_batch(12, seed=7), _batch(6, seed=8))]
     oracle = evaluate_classification(model, pairs, model.tokenizer, CLASSES, TEMPLATES)
