@@ -262,13 +262,9 @@ class ContrastiveTask(Task):
                 continue
             index.append(i)
             name = self.class_names[label]
-            if train:
-                t = (
-                    self.templates[int(torch.randint(len(self.templates), ()))]
-                    if len(self.templates) > 1
-                    else (self.templates[0])
-                )
-                texts.append(fill_template(t, name))
+            if train:  # one template drawn per sample; none drawn (the RNG untouched) when there is one
+                pick = int(torch.randint(len(self.templates), ())) if len(self.templates) > 1 else 0
+                texts.append(fill_template(self.templates[pick], name))
             else:
                 texts.append(name)
             held.append(label in self._held_ids)
