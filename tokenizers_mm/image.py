@@ -14,7 +14,16 @@ from .checks import check_input
 from .registry import register_tokenizer
 from .tokens import Tokens
 
-__all__ = ["CLS_POSITIONS", "POS_EMBED_KINDS", "ClsPosition", "ImagePatches", "PosEmbed", "check_images"]
+__all__ = [
+    "CLS_POSITIONS",
+    "POS_EMBED_KINDS",
+    "ClsPosition",
+    "ImagePatches",
+    "PosEmbed",
+    "check_images",
+    "patchify",
+    "unpatchify",
+]
 
 PosEmbed = Literal["learned", "sincos", "none"]
 POS_EMBED_KINDS: tuple[str, ...] = get_args(PosEmbed)
@@ -281,3 +290,34 @@ class ImagePatches(nn.Module):
         hw = (img_size, img_size) if isinstance(img_size, int) else img_size
         p = self.patch_embed.patch_size
         return self.num_prefix_tokens + math.prod(s // q for s, q in zip(hw, p))
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``images [B, C, H, W]`` -> ``[B, (H/p)(W/p), p*p*C]``, row-major patches, each laid out ``(row, col, channel)``
+    inside the patch: the layout of MAE and HF ``ViTMAEForPreTraining.patchify`` (what their pixel targets use).
+
+    ``H`` and ``W`` must be multiples of ``patch_size`` (non-square images are fine)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"patchify expects images [B, C, H, W], got shape {tuple(getattr(images, 'shape', ()))}")
+    b, c, h, w = images.shape
+    p = int(patch_size)
+    if p < 1 or h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch_size}")
+    x = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)  # [B, h, w, p, q, C]
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, grid: tuple[int, int]) -> torch.Tensor:
+    """The inverse of `patchify`: ``patches [B, h*w, p*p*C]`` on a ``grid (h, w)`` -> ``images [B, C, h*p, w*p]``."""
+    if not isinstance(patches, torch.Tensor) or patches.dim() != 3:
+        raise ValueError(f"unpatchify expects patches [B, N, p*p*C], got shape {tuple(getattr(patches, 'shape', ()))}")
+    b, n, d = patches.shape
+    p = int(patch_size)
+    gh, gw = (int(g) for g in grid)
+    if gh * gw != n:
+        raise ValueError(f"unpatchify: {n} patches do not fill the grid {gh}x{gw} ({gh * gw} patches)")
+    if p < 1 or d % (p * p):
+        raise ValueError(f"unpatchify: patch width {d} is not p*p*C for patch_size={patch_size}")
+    c = d // (p * p)
+    x = patches.reshape(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)  # [B, C, h, p, w, q]
+    return x.reshape(b, c, gh * p, gw * p)

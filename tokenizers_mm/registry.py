@@ -22,6 +22,9 @@ __all__ = [
     "register_tokenizer",
     "create_tokenizer",
     "list_tokenizers",
+    "register_detokenizer",
+    "create_detokenizer",
+    "list_detokenizers",
 ]
 
 T = TypeVar("T")
@@ -130,3 +133,21 @@ def list_tokenizers() -> list[str]:
 def create_tokenizer(name: str, **kwargs: Any) -> nn.Module:
     """Build the tokenizer registered as `name` with its constructor arguments."""
     return TOKENIZERS.create(name, **kwargs)
+
+
+DETOKENIZERS: Registry[nn.Module] = Registry("detokenizer")
+
+
+def register_detokenizer(name: str) -> Callable[[type], type]:
+    """Class decorator: make a detokenizer (`Tokens` -> raw modality) available to `create_detokenizer(name, **kw)`."""
+    return DETOKENIZERS.register(name)
+
+
+def list_detokenizers() -> list[str]:
+    """Registered detokenizer names."""
+    return DETOKENIZERS.names()
+
+
+def create_detokenizer(name: str, **kwargs: Any) -> nn.Module:
+    """Build the detokenizer registered as `name` with its constructor arguments."""
+    return DETOKENIZERS.create(name, **kwargs)

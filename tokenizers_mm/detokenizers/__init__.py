@@ -1,0 +1,22 @@
+"""Detokenizers: `Tokens` back to a modality (design §1), registered for `tokenizers_mm.create_detokenizer`."""
+
+from .masking import RandomMask, keep_tokens, random_masking
+from .motion import WARP_PADDINGS, MotionDecoder, endpoint_error, upsample_field, warp, warp_clip
+from .pixels import PatchDecoder, PixelDecoder, mae_sincos_2d, patch_mse, psnr
+
+__all__ = [
+    "WARP_PADDINGS",
+    "MotionDecoder",
+    "endpoint_error",
+    "upsample_field",
+    "warp",
+    "warp_clip",
+    "PatchDecoder",
+    "PixelDecoder",
+    "RandomMask",
+    "keep_tokens",
+    "mae_sincos_2d",
+    "patch_mse",
+    "psnr",
+    "random_masking",
+]
