@@ -19,6 +19,7 @@ from .registry import (
 )
 from .tokens import Tokens
 from .video import VideoTubelets, normalize_frames
+from .vq import VectorQuantizer
 
 __all__ = [
     "detokenizers",
@@ -40,6 +41,7 @@ __all__ = [
     "register_tokenizer",
     "KeyframeMotion",
     "MotionTokens",
+    "VectorQuantizer",
     "VideoTubelets",
     "block_matching",
     "normalize_frames",

@@ -3,6 +3,7 @@
 from .masking import RandomMask, keep_tokens, random_masking
 from .motion import WARP_PADDINGS, MotionDecoder, endpoint_error, upsample_field, warp, warp_clip
 from .pixels import PatchDecoder, PixelDecoder, mae_sincos_2d, patch_mse, psnr
+from .points import PointDecoder, chamfer_distance, random_group_mask, select_visible
 
 __all__ = [
     "WARP_PADDINGS",
@@ -12,6 +13,10 @@ __all__ = [
     "warp",
     "warp_clip",
     "PatchDecoder",
+    "PointDecoder",
+    "chamfer_distance",
+    "random_group_mask",
+    "select_visible",
     "PixelDecoder",
     "RandomMask",
     "keep_tokens",

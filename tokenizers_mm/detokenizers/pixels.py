@@ -28,7 +28,7 @@ from ..image import patchify, unpatchify
 from ..registry import register_detokenizer
 from ..tokens import Tokens
 
-__all__ = ["PatchDecoder", "PixelDecoder", "mae_sincos_2d", "patch_mse", "psnr"]
+__all__ = ["PatchDecoder", "PixelDecoder", "init_xavier", "mae_sincos_2d", "patch_mse", "psnr"]
 
 
 def mae_sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -106,7 +106,7 @@ class PatchDecoder(nn.Module):
         self.norm = norm(decoder_dim)
         self.pred = nn.Linear(decoder_dim, out_dim)
         nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(_init_mae)
+        self.apply(init_xavier)
 
     def forward(
         self, tokens: Tokens, ids_restore: torch.Tensor | None = None, grid: tuple[int, int] | None = None
@@ -151,8 +151,8 @@ class PatchDecoder(nn.Module):
         return self.pred(self.norm(x))[:, special.shape[1] :]
 
 
-def _init_mae(m: nn.Module) -> None:
-    # MAE's init: xavier-uniform linears, zero biases, unit LayerNorms
+def init_xavier(m: nn.Module) -> None:
+    """MAE's and Point-MAE's decoder init (``module.apply``): xavier-uniform linears, zero biases, unit LayerNorms."""
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:
