@@ -241,6 +241,8 @@ def build_encoder(
                     "one): drop model.text_tower"
                 )
             options["text_tower"] = build_text_tower(m["text_tower"])
+        if getattr(task, "head_needs_tokenizer", False):  # a detokenizer head inverts the encoder's tokenizer
+            options["tokenizer"] = tokenizer
         with config_errors("model.head"):
             head = task.build_head(backbone.embed_dim, name, **options)
     with config_errors("model.insert_at"):

@@ -21,7 +21,7 @@ END = "<!-- END GENERATED -->"
 def _registries() -> list[tuple[str, str, list[str]]]:
     """``(what, how to list it, entries)`` for every registry a config can name."""
     from adapters import list_adapters
-    from tokenizers_mm import list_tokenizers
+    from tokenizers_mm import list_detokenizers, list_tokenizers
 
     from .data import list_codecs, list_datasets
     from .heads import list_heads
@@ -32,6 +32,11 @@ def _registries() -> list[tuple[str, str, list[str]]]:
     return [
         ("tasks (`task.name`)", "mmblocks.tasks.list_tasks()", list_tasks()),
         ("tokenizers (`model.tokenizer.name`)", "tokenizers_mm.list_tokenizers()", list_tokenizers()),
+        (
+            "detokenizers (`model.head.detokenizer` of head `reconstruction`)",
+            "tokenizers_mm.list_detokenizers()",
+            list_detokenizers(),
+        ),
         (
             "backbones (`model.backbone.name`; or any timm ViT name)",
             "mmblocks.models.list_backbones()",

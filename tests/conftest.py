@@ -65,6 +65,7 @@ def hidden_states(model: PreTrainedModel, seq_len: int = 12, batch: int = 2, see
 #: Small versions of the offline datasets (the same makers, fewer samples) for recipes trained a few steps in tests.
 SMALL_DATASETS: dict[str, dict] = {
     "digits": {},
+    "textures": {"crops_per_class": (4, 2, 2)},
     "meshes": {"samples_per_class": (4, 2, 2)},
     "keywords": {"clips_per_word": (3, 1, 1), "words": ("yes", "no", "up", "down")},
     "moving-digits": {"clips_per_class": (3, 1, 1)},

@@ -176,7 +176,7 @@ _BASE_SCHEMA: Schema = {
         ),
         "head": Component(
             _heads,
-            builder_args=("in_dim", "num_classes", "text_tower"),
+            builder_args=("in_dim", "num_classes", "text_tower", "tokenizer"),
             defaults={"pool": None},
             default_from=_task_head,
             doc="the task's head (default: the task's own, e.g. classifier); pool null: the backbone's readout",

@@ -5,6 +5,7 @@ from .contrastive import CONTRASTIVE_PROJECTIONS, ContrastiveHead
 from .ctc import CharVocab, CTCHead, CTCOutput
 from .prefix_lm import IGNORE_INDEX, PrefixLMHead, PrefixLMOutput, SplicedBatch
 from .prompt import PLACEHOLDER_ID, PromptFormat
+from .reconstruction import RECONSTRUCTION_TARGETS, ReconstructionHead, ReconstructionOutput
 from .registry import HEADS, create_head, list_heads, register_head
 
 __all__ = [
@@ -22,6 +23,9 @@ __all__ = [
     "PrefixLMHead",
     "PrefixLMOutput",
     "PromptFormat",
+    "RECONSTRUCTION_TARGETS",
+    "ReconstructionHead",
+    "ReconstructionOutput",
     "SplicedBatch",
     "create_head",
     "list_heads",

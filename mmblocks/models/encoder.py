@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tokenizers_mm import Tokens
+from tokenizers_mm.detokenizers import RandomMask, keep_tokens, random_masking
 
 from ..heads import PrefixLMHead
 from ..layers.masks import padding_bias
@@ -214,14 +215,32 @@ class MMEncoder(nn.Module):
         return self.tokenizer(inputs, mask=mask, **extra)
 
     def _start(
-        self, inputs: torch.Tensor, mask: torch.Tensor | None, extra: dict[str, torch.Tensor]
-    ) -> tuple[Tokens, torch.Tensor | None]:
+        self,
+        inputs: torch.Tensor,
+        mask: torch.Tensor | None,
+        extra: dict[str, torch.Tensor],
+        mask_ratio: float | None = None,
+        mask_generator: torch.Generator | None = None,
+    ) -> tuple[Tokens, torch.Tensor | None, RandomMask | None]:
         tokens = self.tokenize(inputs, mask, **extra)
+        masking = None
+        if mask_ratio is not None:  # MAE: the encoder sees only the visible grid tokens (positions already added)
+            tokens, masking = self._mask_tokens(tokens, mask_ratio, mask_generator)
         if self.backbone is None:
-            return tokens, None
+            return tokens, None, masking
         self.backbone.prepare(tokens)  # e.g. a causal ViT's 2D RoPE grid
         tokens = tokens.with_x(self.backbone.norm_pre(tokens.x))
-        return tokens, self.backbone.block_positions(tokens)
+        return tokens, self.backbone.block_positions(tokens), masking
+
+    @staticmethod
+    def _mask_tokens(tokens: Tokens, mask_ratio: float, generator: torch.Generator | None) -> tuple[Tokens, RandomMask]:
+        if tokens.mask is not None:
+            raise ValueError("mask_ratio: masked reconstruction of padded inputs (a token mask) is not supported")
+        b, n = tokens.batch_size, tokens.num_grid_tokens
+        # a generator draws on its own device (the CPU for evaluation's fixed masks), then the noise moves
+        noise = torch.rand(b, n, generator=generator, device=None if generator is not None else tokens.x.device)
+        masking = random_masking(b, n, mask_ratio, noise=noise.to(tokens.x.device))
+        return keep_tokens(tokens, masking.ids_keep), masking
 
     def _final_norm(self, tokens: Tokens) -> Tokens:
         if self.backbone is None:
@@ -232,11 +251,21 @@ class MMEncoder(nn.Module):
     def forward_features(self, inputs: torch.Tensor, mask: torch.Tensor | None = None, **extra: torch.Tensor) -> Tokens:
         """Raw input (``[B, C, H, W]`` images, ``[B, P, 3 + C]`` points, ``[B, S]`` waveforms, ``[B, T, C, H, W]``
         frames; ``mask`` the loader's padding mask) -> final (normed) `Tokens`."""
-        tokens, pos = self._start(inputs, mask, extra)
+        return self._features(inputs, mask, extra)[0]
+
+    def _features(
+        self,
+        inputs: torch.Tensor,
+        mask: torch.Tensor | None,
+        extra: dict[str, torch.Tensor],
+        mask_ratio: float | None = None,
+        mask_generator: torch.Generator | None = None,
+    ) -> tuple[Tokens, RandomMask | None]:
+        tokens, pos, masking = self._start(inputs, mask, extra, mask_ratio, mask_generator)
         attn_mask = padding_bias(tokens)
         for name, module in self._layers():
             tokens = self._run(name, module, tokens, pos, attn_mask)
-        return self._final_norm(tokens)
+        return self._final_norm(tokens), masking
 
     def forward_head(self, tokens: Tokens) -> torch.Tensor:
         if self.head is None:
@@ -249,6 +278,8 @@ class MMEncoder(nn.Module):
         mask: torch.Tensor | None = None,
         return_aux: bool = False,
         head_inputs: Mapping[str, Any] | None = None,
+        mask_ratio: float | None = None,
+        mask_generator: torch.Generator | None = None,
         **extra: torch.Tensor,
     ) -> Any:
         """Raw input -> head output (logits), or the final `Tokens` when there is no head.
@@ -257,10 +288,19 @@ class MMEncoder(nn.Module):
         ``attention_mask``, ``labels``). ``return_aux=True`` returns ``(output, aux_loss)``: the auxiliary loss of
         this forward (the LLM stage's Control LLM divergence with ``tune="interpolate"``, a MoE router's balance loss;
         0.0 otherwise), which a `mmblocks.tasks.Task` adds to its loss. Both go through ``forward`` so that DDP and
-        ``torch.compile`` wrappers pass them on."""
-        tokens = self.forward_features(inputs, mask, **extra)
+        ``torch.compile`` wrappers pass them on.
+
+        ``mask_ratio`` (masked reconstruction, MAE / Point-MAE): hide that share of the grid tokens right after the
+        tokenizer (`tokenizers_mm.detokenizers.random_masking`, drawn from ``mask_generator`` when given, else the
+        global RNG); the backbone and LLM stage see only the visible ones, and the head gets the draw as
+        ``masking=``."""
+        tokens, masking = self._features(inputs, mask, extra, mask_ratio, mask_generator)
         if head_inputs and self.head is None:
             raise ValueError(f"head_inputs {sorted(head_inputs)} given to an encoder without a head")
+        if masking is not None:
+            if self.head is None:
+                raise ValueError("mask_ratio needs a head that takes masking= (e.g. reconstruction)")
+            head_inputs = {**(head_inputs or {}), "masking": masking}
         out = self.head(tokens, **(head_inputs or {})) if self.head is not None else tokens
         if return_aux:
             return out, self.llm_stage.blocks.aux_loss if self.llm_stage is not None else 0.0
@@ -288,7 +328,7 @@ class MMEncoder(nn.Module):
         bad = [i for i in take if not 0 <= i < len(names)]
         if bad:
             raise IndexError(f"intermediate indices {bad} out of range for {len(names)} layers {names}")
-        tokens, pos = self._start(inputs, mask, extra)
+        tokens, pos, _ = self._start(inputs, mask, extra)
         attn_mask = padding_bias(tokens)
         out: list[Tokens] = []
         for i, (name, module) in enumerate(self._layers()):

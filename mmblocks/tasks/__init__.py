@@ -5,6 +5,7 @@ from .classification import ClassificationMetrics, ClassificationTask
 from .contrastive import ContrastiveMetrics, ContrastiveTask, unwrap_model
 from .ctc import CTCMetrics, CTCTask
 from .prefix_lm import PREFIX_LM_METRICS, PrefixLMMetrics, PrefixLMTask, prefix_lm_head, take_tokens
+from .reconstruction import ReconstructionMetrics, ReconstructionTask
 from .registry import TASKS, create_task, list_tasks, register_task
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "PREFIX_LM_METRICS",
     "PrefixLMMetrics",
     "PrefixLMTask",
+    "ReconstructionMetrics",
+    "ReconstructionTask",
     "StepOutput",
     "Task",
     "create_task",

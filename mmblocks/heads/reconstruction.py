@@ -1,0 +1,152 @@
+"""`ReconstructionHead`: a detokenizer (`tokenizers_mm.create_detokenizer`) as the head of a masked-reconstruction
+encoder (MAE on images, Point-MAE on point groups), its geometry read from the encoder's own tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import nn
+
+from tokenizers_mm import Tokens, create_detokenizer
+from tokenizers_mm.detokenizers import RandomMask
+from tokenizers_mm.points import group_points
+
+from .registry import register_head
+
+__all__ = ["RECONSTRUCTION_TARGETS", "ReconstructionHead", "ReconstructionOutput", "ReconstructionTarget"]
+
+ReconstructionTarget = Literal["pixels", "points"]
+RECONSTRUCTION_TARGETS: tuple[str, ...] = get_args(ReconstructionTarget)
+
+
+@dataclass
+class ReconstructionOutput:
+    """What the head returns: the detokenizer's ``pred`` (pixels: ``[B, L, p*p*C]``; points: local points of every
+    group ``[B, G, K, 3]``), the ``masking`` the encoder drew (None: nothing hidden), the ``loss`` against the raw
+    ``target`` when one was given, and for points the true ``groups`` ``[B, G, K, 3]`` and ``centers`` ``[B, G, 3]``
+    the loss compared against."""
+
+    pred: torch.Tensor
+    masking: RandomMask | None = None
+    loss: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+    centers: torch.Tensor | None = None
+
+    @property
+    def hidden(self) -> torch.Tensor | None:
+        """``[B, L]`` float, 1 = hidden (where the loss is taken), or None."""
+        return None if self.masking is None else self.masking.mask
+
+
+def _pixels_geometry(tokenizer: nn.Module | None) -> dict[str, Any]:
+    if tokenizer is None or not hasattr(tokenizer, "patch_embed"):
+        raise ValueError(
+            "detokenizer 'pixels' reads its patch size, channels and image size from an image_patches tokenizer, got "
+            f"{type(tokenizer).__name__}"
+        )
+    grid, patch = tokenizer.grid_size, tokenizer.patch_embed.patch_size
+    if patch[0] != patch[1]:
+        raise ValueError(f"detokenizer 'pixels' needs square patches, the tokenizer has {tuple(patch)}")
+    return {
+        "patch_size": patch[0],
+        "in_chans": tokenizer.in_chans,
+        "img_size": (grid[0] * patch[0], grid[1] * patch[1]),
+    }
+
+
+def _points_geometry(tokenizer: nn.Module | None) -> dict[str, Any]:
+    if tokenizer is None or not hasattr(tokenizer, "group_size"):
+        raise ValueError(
+            f"detokenizer 'points' reads its group size from a points tokenizer, got {type(tokenizer).__name__}"
+        )
+    return {"group_size": tokenizer.group_size}
+
+
+@register_head("reconstruction")
+class ReconstructionHead(nn.Module):
+    """The final `Tokens` of an encoder that saw only the visible tokens -> a detokenizer's predictions (and loss).
+
+    Args:
+        in_dim: the encoder's width.
+        detokenizer: what is reconstructed (`RECONSTRUCTION_TARGETS`): ``pixels`` (MAE's decoder, `PixelDecoder`) or
+            ``points`` (Point-MAE's decoder, `PointDecoder`, Chamfer-L2 loss).
+        decoder_dim / depth / num_heads / mlp_ratio: the decoder's transformer (MAE: 512 / 8 / 16 / 4; Point-MAE:
+            384 / 4 / 6 / 4; lighter decoders cost little, MAE Table 1).
+        norm_pix_loss: pixels: predict per-patch normalised pixels (MAE's better target).
+        folding: points: a FoldingNet head instead of Point-MAE's linear one.
+        tokenizer: the encoder's tokenizer (set by the builder), whose geometry the decoder inverts.
+
+    ``forward(tokens, masking=None, target=None, target_mask=None)``: ``masking`` is the `RandomMask` the encoder drew
+    (`MMEncoder` with ``mask_ratio``), ``target`` the raw input (pixels: the normalised images ``[B, C, H, W]``;
+    points: ``[B, P, 3 + C]``, grouped as the tokenizer groups them, ``target_mask [B, P]`` its padding).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        detokenizer: ReconstructionTarget = "pixels",
+        decoder_dim: int = 128,
+        depth: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = True,
+        folding: bool = False,
+        tokenizer: nn.Module | None = None,
+    ):
+        super().__init__()
+        if detokenizer not in RECONSTRUCTION_TARGETS:
+            raise ValueError(f"detokenizer must be one of {RECONSTRUCTION_TARGETS}, got {detokenizer!r}")
+        self.target_kind = detokenizer
+        common = {"in_dim": in_dim, "decoder_dim": decoder_dim, "depth": depth, "num_heads": num_heads}
+        if detokenizer == "pixels":
+            kwargs = {**_pixels_geometry(tokenizer), "norm_pix_loss": norm_pix_loss}
+        else:
+            kwargs = {**_points_geometry(tokenizer), "head": "folding" if folding else "linear"}
+            self.num_groups = int(tokenizer.num_groups)
+        self.detokenizer = create_detokenizer(detokenizer, **common, mlp_ratio=mlp_ratio, **kwargs)
+
+    def forward(
+        self,
+        tokens: Tokens,
+        masking: RandomMask | None = None,
+        target: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
+    ) -> ReconstructionOutput:
+        if self.target_kind == "points":
+            return self._points(tokens, masking, target, target_mask)
+        pred = self.detokenizer(tokens, None if masking is None else masking.ids_restore)
+        out = ReconstructionOutput(pred=pred, masking=masking)
+        if target is not None:
+            out.loss = self.detokenizer.loss(target, pred, out.hidden)
+        return out
+
+    def _points(
+        self, tokens: Tokens, masking: RandomMask | None, target: torch.Tensor | None, target_mask: torch.Tensor | None
+    ) -> ReconstructionOutput:
+        if target is None:
+            raise ValueError("detokenizer 'points' needs target= (the raw points): its group centres place the decoder")
+        with torch.no_grad():  # the same FPS + kNN grouping as the tokenizer (deterministic), for centres and targets
+            groups, centers, _ = group_points(target.float(), self.num_groups, self.detokenizer.group_size, target_mask)
+        b, g = centers.shape[:2]
+        if masking is None:
+            masked = torch.zeros(b, g, dtype=torch.bool, device=centers.device)
+        else:
+            masked = masking.hidden
+            # the encoder kept the visible groups in its noise order; the decoder takes them in group order
+            order = masking.ids_keep.argsort(1)
+            p, s = tokens.num_prefix, tokens.num_suffix
+            grid = tokens.x[:, p : tokens.num_tokens - s]
+            grid = torch.gather(grid, 1, order[..., None].expand(-1, -1, grid.shape[-1]))
+            tokens = Tokens(
+                x=torch.cat([tokens.x[:, :p], grid, tokens.x[:, tokens.num_tokens - s :]], 1),
+                num_prefix=p,
+                num_suffix=s,
+                modality=tokens.modality,
+            )
+        pred = self.detokenizer(tokens, centers, masked)
+        out = ReconstructionOutput(pred=pred, masking=masking, groups=groups[..., :3], centers=centers)
+        if masking is not None:
+            out.loss = self.detokenizer.loss(pred.float(), out.groups, masked)
+        return out

@@ -1,0 +1,258 @@
+"""Masked reconstruction (MAE, Point-MAE): the encoder sees a random ``1 - mask_ratio`` of its grid tokens and a
+detokenizer head (`mmblocks.heads.ReconstructionHead`) predicts the hidden ones; loss and metrics are taken on the
+hidden part only.
+
+Metrics, images (in pixel space: the loader's normalisation undone with the task's ``mean`` / ``std``): ``loss``
+(MAE's, on the normalised target), ``psnr_hidden`` (dB over the hidden pixels of the pasted reconstruction), and
+``psnr_hidden_fill`` (the same for a reconstruction that fills every hidden pixel with the mean colour of the visible
+ones: the level a decoder must beat to have learned anything beyond the image's average).
+
+Metrics, points: ``loss`` = ``chamfer_l2`` (Point-MAE's, over the hidden groups' local points), ``chamfer_l1``, and
+``chamfer_l2_centre`` (every hidden point predicted at its group centre: the level to beat).
+
+Evaluation draws its masks from a generator seeded with ``eval_seed`` at every evaluation, so every checkpoint is
+scored on the same masks. The report shows originals, masked inputs and reconstructions as a PNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tokenizers_mm.detokenizers import chamfer_distance
+from tokenizers_mm.image import unpatchify
+
+from ..heads import ReconstructionOutput
+from .base import Metrics, StepOutput, Task, all_reduce_sum_
+from .registry import register_task
+
+__all__ = ["ReconstructionMetrics", "ReconstructionTask"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ReconstructionMetrics(Metrics):
+    """Summed loss and the target's two figures (images: hidden-pixel PSNR of the reconstruction and of the
+    mean-colour fill; points: Chamfer-L1 and the centre baseline's Chamfer-L2), per sample; the first ``examples``
+    samples kept for the report."""
+
+    NAMES: ClassVar[dict[str, tuple[str, str]]] = {
+        "pixels": ("psnr_hidden", "psnr_hidden_fill"),
+        "points": ("chamfer_l1", "chamfer_l2_centre"),
+    }
+
+    def __init__(self, task: ReconstructionTask, device: torch.device):
+        self.task = task
+        self.totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, figure sums, n
+        self.generator = torch.Generator().manual_seed(task.eval_seed)
+        self.panels: list[Any] = []  # images: [3, C, H, W]; points: (all, visible, reconstruction) point arrays
+
+    def update(self, output: ReconstructionOutput, batch: Any) -> None:
+        n = batch.inputs.shape[0]
+        self.totals[0] += output.loss.detach().double() * n
+        self.totals[3] += n
+        if output.groups is not None:
+            self._update_points(output, n)
+        else:
+            self._update_pixels(output, batch.inputs, n)
+
+    def _update_points(self, output: ReconstructionOutput, n: int) -> None:
+        hidden = output.masking.hidden
+        pred, true = output.pred.float()[hidden], output.groups[hidden]
+        self.totals[1] += chamfer_distance(pred, true, convention="l1").double() * n
+        self.totals[2] += chamfer_distance(torch.zeros_like(pred[:, :1]), true, convention="l2").double() * n
+        for i in range(min(n, self.task.examples - len(self.panels))):
+            h = hidden[i]
+            absolute = output.groups[i] + output.centers[i][:, None]  # [G, K, 3]
+            recon = torch.where(h[:, None, None], output.pred[i].float() + output.centers[i][:, None], absolute)
+            self.panels.append(
+                (absolute.reshape(-1, 3).cpu(), absolute[~h].reshape(-1, 3).cpu(), recon.reshape(-1, 3).detach().cpu())
+            )
+
+    def _update_pixels(self, output: ReconstructionOutput, images: torch.Tensor, n: int) -> None:
+        recon, fill, hidden_px = self.task.pixel_views(output, images)
+        true = self.task.to_pixels(images)
+        self.totals[1] += _masked_psnr(recon, true, hidden_px).sum().double()
+        self.totals[2] += _masked_psnr(fill, true, hidden_px).sum().double()
+        for i in range(min(n, self.task.examples - len(self.panels))):
+            masked = true[i] * (1 - hidden_px[i]) + 0.5 * hidden_px[i]
+            self.panels.append(torch.stack([true[i], masked, recon[i]]).detach().cpu())
+
+    def sync(self) -> None:
+        all_reduce_sum_([self.totals])
+
+    def compute(self) -> dict[str, float]:
+        loss, a, b, n = self.totals.tolist()
+        first, second = self.NAMES[self.task.target_kind]
+        if n == 0:
+            return {"loss": float("nan"), first: float("nan"), second: float("nan"), "samples": 0}
+        return {"loss": loss / n, first: a / n, second: b / n, "samples": int(n)}
+
+    def report(self, out_dir: Path, split: str) -> list[tuple[str, str]]:
+        if not self.panels:
+            return []
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"reconstructions_{split}.png"
+        if isinstance(self.panels[0], tuple):
+            save_point_panels(self.panels, path)
+            what = "cloud", "groups", "visible groups"
+        else:
+            save_panels(self.panels, path)
+            what = "image", "patches", "visible patches pasted back; hidden ones grey in the middle column"
+        text = (
+            f"![reconstructions]({path.name})\n\nRows: {len(self.panels)} {split} samples; columns: the {what[0]}, "
+            f"what the encoder saw ({self.task.mask_ratio:.0%} of the {what[1]} hidden), the reconstruction "
+            f"({what[2]}).\n"
+        )
+        return [(f"Reconstructions ({split})", text)]
+
+
+def _masked_psnr(pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """PSNR per sample ``[B]`` (data range 1) over the pixels where ``where [B, 1, H, W]`` is 1."""
+    err = (pred.float() - target.float()).pow(2) * where
+    count = (where.expand_as(err)).flatten(1).sum(1).clamp_min(1.0)
+    return 10.0 * torch.log10(1.0 / (err.flatten(1).sum(1) / count).clamp_min(1e-10))
+
+
+def save_panels(panels: Sequence[torch.Tensor], path: Path) -> None:
+    """A PNG grid of ``[K, C, H, W]`` panels in [0, 1], one row per entry, upscaled to at least 96 px per image."""
+    from PIL import Image
+
+    rows = []
+    for row in panels:
+        k, c, h, w = row.shape
+        img = row.clamp(0, 1).permute(2, 0, 3, 1).reshape(h, k * w, c)  # panels side by side
+        img = img.expand(h, k * w, 3) if c == 1 else img
+        rows.append(torch.nn.functional.pad(img.permute(2, 0, 1), (0, 0, 0, 1), value=1.0).permute(1, 2, 0))
+    grid = (torch.cat(rows, 0).numpy() * 255).round().astype("uint8")
+    scale = max(1, 96 // panels[0].shape[-2])
+    image = Image.fromarray(grid)
+    image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST).save(path)
+
+
+def save_point_panels(panels: Sequence[tuple[torch.Tensor, ...]], path: Path) -> None:
+    """A PNG of point clouds, one row per entry of ``(points [N_i, 3], ...)``, as 3-D scatter plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = len(panels[0])
+    fig = plt.figure(figsize=(2.4 * cols, 2.4 * len(panels)))
+    for r, row in enumerate(panels):
+        lo, hi = row[0].min().item(), row[0].max().item()
+        for c, pts in enumerate(row):
+            ax = fig.add_subplot(len(panels), cols, r * cols + c + 1, projection="3d")
+            ax.scatter(pts[:, 0], pts[:, 2], pts[:, 1], s=1.5, c=pts[:, 1], cmap="viridis")
+            ax.set(xlim=(lo, hi), ylim=(lo, hi), zlim=(lo, hi), xticks=[], yticks=[], zticks=[])
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+@register_task("reconstruction")
+class ReconstructionTask(Task):
+    """MAE pretraining: hide ``mask_ratio`` of the grid tokens, reconstruct them with the ``reconstruction`` head.
+
+    Args:
+        mask_ratio: share of grid tokens hidden from the encoder (MAE: 0.75).
+        mean / std: the loader's image normalisation (ImageNet's by default), undone for PSNR and pictures.
+        eval_seed: seed of the evaluation masks (the same masks at every evaluation).
+        examples: images shown in the report.
+    """
+
+    fields = ()
+    default_head = "reconstruction"
+    monitor = ("loss", "min")
+    head_needs_tokenizer = True
+
+    def __init__(
+        self,
+        mask_ratio: float = 0.75,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        eval_seed: int = 0,
+        examples: int = 8,
+    ):
+        if not 0.0 < float(mask_ratio) < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ValueError(f"mean and std must have one entry per channel and std > 0, got {mean} and {std}")
+        self.mask_ratio, self.eval_seed, self.examples = float(mask_ratio), int(eval_seed), int(examples)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.detokenizer: nn.Module | None = None
+        self.target_kind = "pixels"
+
+    def build_head(self, in_dim: int, name: str | None = None, tokenizer: nn.Module | None = None, **kwargs: Any):
+        head = super().build_head(in_dim, name, tokenizer=tokenizer, **kwargs)
+        self.detokenizer = head.detokenizer
+        self.target_kind = head.target_kind
+        return head
+
+    def _call(self, model: Callable[..., Any], batch: Any, generator: torch.Generator | None, aux: bool) -> Any:
+        args, kwargs = self.model_inputs(batch)
+        head_inputs = {"target": args[0]}
+        if self.target_kind == "points":
+            head_inputs["target_mask"] = kwargs.get("mask")
+        return model(
+            *args,
+            return_aux=aux,
+            mask_ratio=self.mask_ratio,
+            mask_generator=generator,
+            head_inputs=head_inputs,
+            **kwargs,
+        )
+
+    def training_step(self, model: Callable[..., Any], batch: Any) -> StepOutput:
+        out, aux = self._call(model, batch, None, aux=True)
+        total = out.loss + aux if isinstance(aux, torch.Tensor) else out.loss
+        return StepOutput(total, {"loss": out.loss.detach()}, int(out.pred.shape[0]))
+
+    def new_metrics(self, device: torch.device) -> ReconstructionMetrics:
+        return ReconstructionMetrics(self, device)
+
+    def evaluate_step(self, model: Callable[..., Any], batch: Any, metrics: Metrics) -> None:
+        metrics.update(self._call(model, batch, metrics.generator, aux=False), batch)
+
+    def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> [0, 1] pixels (the loader's normalisation undone)."""
+        c = images.shape[1]
+        if c != len(self.mean):
+            raise ValueError(f"task reconstruction has mean/std for {len(self.mean)} channels, the images have {c}")
+        mean = torch.tensor(self.mean, device=images.device).view(1, c, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, c, 1, 1)
+        return (images.float() * std + mean).clamp(0, 1)
+
+    def pixel_views(
+        self, output: ReconstructionOutput, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(reconstruction, mean-colour fill, hidden-pixel mask [B, 1, H, W])`` in [0, 1] pixels, visible patches
+        pasted back in both."""
+        dec = self.detokenizer
+        if dec is None:
+            raise ValueError("task reconstruction has no head yet: build the encoder with this task")
+        hidden = output.hidden if output.hidden is not None else torch.ones(output.pred.shape[:2], device=images.device)
+        grid = (images.shape[2] // dec.patch_size, images.shape[3] // dec.patch_size)
+        recon = self.to_pixels(dec.render(output.pred.float(), grid, images=images.float(), hidden=hidden))
+        p = dec.patch_size
+        hidden_px = unpatchify(hidden[..., None].float().expand(-1, -1, p * p), p, grid)  # [B, 1, H, W]
+        true = self.to_pixels(images)
+        visible = 1 - hidden_px
+        colour = (true * visible).flatten(2).sum(2) / visible.flatten(2).sum(2).clamp_min(1.0)  # [B, C]
+        fill = true * visible + colour[:, :, None, None] * hidden_px
+        return recon, fill, hidden_px
+
+    def chance(self) -> dict[str, float] | None:
+        # with per-patch normalised targets, predicting each patch's own mean (zeros) scores 1.0
+        if self.target_kind == "pixels" and getattr(self.detokenizer, "norm_pix_loss", False):
+            return {"loss": 1.0}
+        return None
+
+    def extra_repr(self) -> str:
+        return f"mask_ratio={self.mask_ratio}"
