@@ -12,12 +12,13 @@ from torch import nn
 from tokenizers_mm import Tokens, create_detokenizer
 from tokenizers_mm.detokenizers import RandomMask
 from tokenizers_mm.points import group_points
+from tokenizers_mm.vq import Distance, VectorQuantizer
 
 from .registry import register_head
 
 __all__ = ["RECONSTRUCTION_TARGETS", "ReconstructionHead", "ReconstructionOutput", "ReconstructionTarget"]
 
-ReconstructionTarget = Literal["pixels", "points"]
+ReconstructionTarget = Literal["pixels", "points", "motion"]
 RECONSTRUCTION_TARGETS: tuple[str, ...] = get_args(ReconstructionTarget)
 
 
@@ -26,13 +27,14 @@ class ReconstructionOutput:
     """What the head returns: the detokenizer's ``pred`` (pixels: ``[B, L, p*p*C]``; points: local points of every
     group ``[B, G, K, 3]``), the ``masking`` the encoder drew (None: nothing hidden), the ``loss`` against the raw
     ``target`` when one was given, and for points the true ``groups`` ``[B, G, K, 3]`` and ``centers`` ``[B, G, 3]``
-    the loss compared against."""
+    the loss compared against; with a VQ bottleneck the ``codes`` ``[B, N]`` it chose."""
 
     pred: torch.Tensor
     masking: RandomMask | None = None
     loss: torch.Tensor | None = None
     groups: torch.Tensor | None = None
     centers: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
 
     @property
     def hidden(self) -> torch.Tensor | None:
@@ -64,6 +66,20 @@ def _points_geometry(tokenizer: nn.Module | None) -> dict[str, Any]:
     return {"group_size": tokenizer.group_size}
 
 
+def _motion_geometry(tokenizer: nn.Module | None) -> dict[str, Any]:
+    if tokenizer is None or not hasattr(tokenizer, "t_patch") or not hasattr(tokenizer, "scale"):
+        raise ValueError(
+            f"detokenizer 'motion' reads its patch geometry from a motion tokenizer, got {type(tokenizer).__name__}"
+        )
+    return {
+        "patch_size": tokenizer.patch_size,
+        "t_patch": tokenizer.t_patch,
+        "block": tokenizer.block,
+        "scale": tokenizer.scale,
+        "pad_first": tokenizer.pad_first,
+    }
+
+
 @register_head("reconstruction")
 class ReconstructionHead(nn.Module):
     """The final `Tokens` of an encoder that saw only the visible tokens -> a detokenizer's predictions (and loss).
@@ -71,11 +87,15 @@ class ReconstructionHead(nn.Module):
     Args:
         in_dim: the encoder's width.
         detokenizer: what is reconstructed (`RECONSTRUCTION_TARGETS`): ``pixels`` (MAE's decoder, `PixelDecoder`) or
-            ``points`` (Point-MAE's decoder, `PointDecoder`, Chamfer-L2 loss).
+            ``points`` (Point-MAE's decoder, `PointDecoder`, Chamfer-L2 loss) or ``motion`` (`MotionDecoder`: a motion
+            field from motion tokens, field MSE + the VQ commitment loss; no masking).
         decoder_dim / depth / num_heads / mlp_ratio: the decoder's transformer (MAE: 512 / 8 / 16 / 4; Point-MAE:
             384 / 4 / 6 / 4; lighter decoders cost little, MAE Table 1).
         norm_pix_loss: pixels: predict per-patch normalised pixels (MAE's better target).
         folding: points: a FoldingNet head instead of Point-MAE's linear one.
+        codebook_size / code_dim / vq_distance / kmeans_init / dead_code_threshold: motion: a vector-quantisation
+            bottleneck (`tokenizers_mm.VectorQuantizer`, EMA codebook) between the encoder and the decoder, as
+            Video-LaVIT's motion tokenizer (cosine codes, 1024 x 32 there); ``codebook_size=0``: none.
         tokenizer: the encoder's tokenizer (set by the builder), whose geometry the decoder inverts.
 
     ``forward(tokens, masking=None, target=None, target_mask=None)``: ``masking`` is the `RandomMask` the encoder drew
@@ -93,6 +113,11 @@ class ReconstructionHead(nn.Module):
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
         folding: bool = False,
+        codebook_size: int = 0,
+        code_dim: int = 32,
+        vq_distance: Distance = "cosine",
+        kmeans_init: bool = True,
+        dead_code_threshold: float = 0.0,
         tokenizer: nn.Module | None = None,
     ):
         super().__init__()
@@ -100,11 +125,27 @@ class ReconstructionHead(nn.Module):
             raise ValueError(f"detokenizer must be one of {RECONSTRUCTION_TARGETS}, got {detokenizer!r}")
         self.target_kind = detokenizer
         common = {"in_dim": in_dim, "decoder_dim": decoder_dim, "depth": depth, "num_heads": num_heads}
+        self.vq = None
         if detokenizer == "pixels":
             kwargs = {**_pixels_geometry(tokenizer), "norm_pix_loss": norm_pix_loss}
-        else:
+        elif detokenizer == "points":
             kwargs = {**_points_geometry(tokenizer), "head": "folding" if folding else "linear"}
             self.num_groups = int(tokenizer.num_groups)
+        else:
+            kwargs = _motion_geometry(tokenizer)
+            del common["decoder_dim"]
+            common["in_dim"] = decoder_dim
+            if codebook_size:  # encoder width -> code_dim -> VQ -> decoder width
+                self.vq = VectorQuantizer(
+                    code_dim,
+                    codebook_size,
+                    distance=vq_distance,
+                    kmeans_init=kmeans_init,
+                    dead_code_threshold=dead_code_threshold,
+                )
+                self.pre_vq, self.post_vq = nn.Linear(in_dim, code_dim), nn.Linear(code_dim, decoder_dim)
+            else:
+                self.pre_vq, self.post_vq = nn.Identity(), nn.Linear(in_dim, decoder_dim)
         self.detokenizer = create_detokenizer(detokenizer, **common, mlp_ratio=mlp_ratio, **kwargs)
 
     def forward(
@@ -116,6 +157,8 @@ class ReconstructionHead(nn.Module):
     ) -> ReconstructionOutput:
         if self.target_kind == "points":
             return self._points(tokens, masking, target, target_mask)
+        if self.target_kind == "motion":
+            return self._motion(tokens, masking, target)
         pred = self.detokenizer(tokens, None if masking is None else masking.ids_restore)
         out = ReconstructionOutput(pred=pred, masking=masking)
         if target is not None:
@@ -149,4 +192,20 @@ class ReconstructionHead(nn.Module):
         out = ReconstructionOutput(pred=pred, masking=masking, groups=groups[..., :3], centers=centers)
         if masking is not None:
             out.loss = self.detokenizer.loss(pred.float(), out.groups, masked)
+        return out
+
+    def _motion(self, tokens: Tokens, masking: RandomMask | None, target: torch.Tensor | None) -> ReconstructionOutput:
+        if masking is not None:
+            raise ValueError("detokenizer 'motion' reconstructs every token (no masking): set task.mask_ratio to 0")
+        x = self.pre_vq(tokens.grid_tokens())
+        codes, vq_loss = None, None
+        if self.vq is not None:
+            x, codes, vq_loss = self.vq(x)
+        x = self.post_vq(x)
+        pred = self.detokenizer(Tokens(x=x, grid=tokens.grid, modality=tokens.modality))
+        out = ReconstructionOutput(pred=pred, codes=codes)
+        if target is not None:
+            out.loss = self.detokenizer.loss(pred, target)
+            if vq_loss is not None:
+                out.loss = out.loss + vq_loss
         return out

@@ -10,6 +10,12 @@ ones: the level a decoder must beat to have learned anything beyond the image's 
 Metrics, points: ``loss`` = ``chamfer_l2`` (Point-MAE's, over the hidden groups' local points), ``chamfer_l1``, and
 ``chamfer_l2_centre`` (every hidden point predicted at its group centre: the level to beat).
 
+Metrics, motion (``mask_ratio: 0``: a VQ motion autoencoder, Video-LaVIT's motion tokenizer, on codec motion):
+``loss`` (field MSE in the tokenizer's units + the VQ commitment loss), ``epe`` (endpoint error of the decoded
+field, px) against ``epe_zero`` (the zero field's), and the PSNR of the clip rendered from its keyframe by the decoded
+motion (``psnr``), by the codec's own motion (``psnr_codec``, the upper bound of a motion-only renderer) and with no
+motion (``psnr_still``); ``codebook_usage`` and ``perplexity`` of the codes over the split.
+
 Evaluation draws its masks from a generator seeded with ``eval_seed`` at every evaluation, so every checkpoint is
 scored on the same masks. The report shows originals, masked inputs and reconstructions as a PNG.
 """
@@ -23,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tokenizers_mm.detokenizers import chamfer_distance
+from tokenizers_mm.detokenizers import chamfer_distance, endpoint_error, psnr, warp_clip
 from tokenizers_mm.image import unpatchify
 
 from ..heads import ReconstructionOutput
@@ -37,35 +43,46 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ReconstructionMetrics(Metrics):
-    """Summed loss and the target's two figures (images: hidden-pixel PSNR of the reconstruction and of the
-    mean-colour fill; points: Chamfer-L1 and the centre baseline's Chamfer-L2), per sample; the first ``examples``
-    samples kept for the report."""
+    """Summed loss and the target's figures per sample (`NAMES`), a histogram of the VQ codes used, and the first
+    ``examples`` samples kept for the report."""
 
-    NAMES: ClassVar[dict[str, tuple[str, str]]] = {
+    NAMES: ClassVar[dict[str, tuple[str, ...]]] = {
         "pixels": ("psnr_hidden", "psnr_hidden_fill"),
         "points": ("chamfer_l1", "chamfer_l2_centre"),
+        "motion": ("epe", "epe_zero", "psnr", "psnr_codec", "psnr_still"),
     }
 
     def __init__(self, task: ReconstructionTask, device: torch.device):
         self.task = task
-        self.totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, figure sums, n
+        self.names = self.NAMES[task.target_kind]
+        self.totals = torch.zeros(2 + len(self.names), dtype=torch.float64, device=device)  # loss, n, figures
+        vq = task.vq
+        self.code_counts = torch.zeros(vq.codebook_size if vq is not None else 0, dtype=torch.float64, device=device)
         self.generator = torch.Generator().manual_seed(task.eval_seed)
-        self.panels: list[Any] = []  # images: [3, C, H, W]; points: (all, visible, reconstruction) point arrays
+        self.panels: list[Any] = []  # images: [K, C, H, W]; points: (all, visible, reconstruction) point arrays
+
+    def _add(self, name: str, per_batch_sum: torch.Tensor) -> None:
+        self.totals[2 + self.names.index(name)] += per_batch_sum.detach().double()
 
     def update(self, output: ReconstructionOutput, batch: Any) -> None:
         n = batch.inputs.shape[0]
         self.totals[0] += output.loss.detach().double() * n
-        self.totals[3] += n
-        if output.groups is not None:
+        self.totals[1] += n
+        if output.codes is not None:
+            codes = output.codes[output.codes >= 0]
+            self.code_counts += torch.bincount(codes, minlength=self.code_counts.numel()).double()
+        if self.task.target_kind == "points":
             self._update_points(output, n)
+        elif self.task.target_kind == "motion":
+            self._update_motion(output, batch, n)
         else:
             self._update_pixels(output, batch.inputs, n)
 
     def _update_points(self, output: ReconstructionOutput, n: int) -> None:
         hidden = output.masking.hidden
         pred, true = output.pred.float()[hidden], output.groups[hidden]
-        self.totals[1] += chamfer_distance(pred, true, convention="l1").double() * n
-        self.totals[2] += chamfer_distance(torch.zeros_like(pred[:, :1]), true, convention="l2").double() * n
+        self._add("chamfer_l1", chamfer_distance(pred, true, convention="l1") * n)
+        self._add("chamfer_l2_centre", chamfer_distance(torch.zeros_like(pred[:, :1]), true, convention="l2") * n)
         for i in range(min(n, self.task.examples - len(self.panels))):
             h = hidden[i]
             absolute = output.groups[i] + output.centers[i][:, None]  # [G, K, 3]
@@ -77,21 +94,41 @@ class ReconstructionMetrics(Metrics):
     def _update_pixels(self, output: ReconstructionOutput, images: torch.Tensor, n: int) -> None:
         recon, fill, hidden_px = self.task.pixel_views(output, images)
         true = self.task.to_pixels(images)
-        self.totals[1] += _masked_psnr(recon, true, hidden_px).sum().double()
-        self.totals[2] += _masked_psnr(fill, true, hidden_px).sum().double()
+        self._add("psnr_hidden", _masked_psnr(recon, true, hidden_px).sum())
+        self._add("psnr_hidden_fill", _masked_psnr(fill, true, hidden_px).sum())
         for i in range(min(n, self.task.examples - len(self.panels))):
             masked = true[i] * (1 - hidden_px[i]) + 0.5 * hidden_px[i]
             self.panels.append(torch.stack([true[i], masked, recon[i]]).detach().cpu())
 
+    def _update_motion(self, output: ReconstructionOutput, batch: Any, n: int) -> None:
+        field, pred = batch.extra["motion"].float(), output.pred.float()
+        self._add("epe", endpoint_error(pred, field) * n)
+        self._add("epe_zero", endpoint_error(torch.zeros_like(field), field) * n)
+        frames = self.task.to_pixels(batch.inputs)  # [B, T, C, H, W] in [0, 1]
+        block = self.task.detokenizer.block
+        decoded = warp_clip(frames[:, 0], pred, block).clamp(0, 1)
+        codec = warp_clip(frames[:, 0], field, block).clamp(0, 1)
+        still = frames[:, :1].expand_as(frames)
+        for name, clip in (("psnr", decoded), ("psnr_codec", codec), ("psnr_still", still)):
+            self._add(name, psnr(clip[:, 1:].flatten(1, 2), frames[:, 1:].flatten(1, 2)).sum())
+        t = frames.shape[1]
+        steps = sorted({t // 4, t // 2, t - 1})
+        for i in range(min(n, self.task.examples - len(self.panels))):
+            self.panels.append(torch.cat([frames[i, steps], codec[i, steps], decoded[i, steps]]).detach().cpu())
+
     def sync(self) -> None:
-        all_reduce_sum_([self.totals])
+        all_reduce_sum_([self.totals, self.code_counts])
 
     def compute(self) -> dict[str, float]:
-        loss, a, b, n = self.totals.tolist()
-        first, second = self.NAMES[self.task.target_kind]
+        loss, n, *figures = self.totals.tolist()
         if n == 0:
-            return {"loss": float("nan"), first: float("nan"), second: float("nan"), "samples": 0}
-        return {"loss": loss / n, first: a / n, second: b / n, "samples": int(n)}
+            return {"loss": float("nan"), **{k: float("nan") for k in self.names}, "samples": 0}
+        out = {"loss": loss / n, **{k: v / n for k, v in zip(self.names, figures)}, "samples": int(n)}
+        if self.code_counts.numel():
+            p = self.code_counts / self.code_counts.sum().clamp_min(1.0)
+            out["codebook_usage"] = float((self.code_counts > 0).double().mean())
+            out["perplexity"] = float(torch.exp(-torch.special.xlogy(p, p).sum()))
+        return out
 
     def report(self, out_dir: Path, split: str) -> list[tuple[str, str]]:
         if not self.panels:
@@ -102,6 +139,15 @@ class ReconstructionMetrics(Metrics):
         if isinstance(self.panels[0], tuple):
             save_point_panels(self.panels, path)
             what = "cloud", "groups", "visible groups"
+        elif self.task.target_kind == "motion":
+            save_panels(self.panels, path)
+            k = self.panels[0].shape[0] // 3
+            text = (
+                f"![reconstructions]({path.name})\n\nRows: {len(self.panels)} {split} clips; columns: {k} frames of "
+                f"the clip, the same frames rendered from its keyframe by the codec's own motion (the upper bound), "
+                f"and by the motion decoded from the {'VQ codes' if self.task.vq is not None else 'tokens'}.\n"
+            )
+            return [(f"Reconstructions ({split})", text)]
         else:
             save_panels(self.panels, path)
             what = "image", "patches", "visible patches pasted back; hidden ones grey in the middle column"
@@ -180,19 +226,26 @@ class ReconstructionTask(Task):
         eval_seed: int = 0,
         examples: int = 8,
     ):
-        if not 0.0 < float(mask_ratio) < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if not 0.0 <= float(mask_ratio) < 1.0:
+            raise ValueError(
+                f"mask_ratio must be in [0, 1) (0: nothing hidden, e.g. a VQ motion autoencoder), got {mask_ratio}"
+            )
         if len(mean) != len(std) or any(s <= 0 for s in std):
             raise ValueError(f"mean and std must have one entry per channel and std > 0, got {mean} and {std}")
         self.mask_ratio, self.eval_seed, self.examples = float(mask_ratio), int(eval_seed), int(examples)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.detokenizer: nn.Module | None = None
-        self.target_kind = "pixels"
+        self.target_kind, self.vq = "pixels", None
 
     def build_head(self, in_dim: int, name: str | None = None, tokenizer: nn.Module | None = None, **kwargs: Any):
         head = super().build_head(in_dim, name, tokenizer=tokenizer, **kwargs)
-        self.detokenizer = head.detokenizer
-        self.target_kind = head.target_kind
+        self.detokenizer, self.target_kind, self.vq = head.detokenizer, head.target_kind, head.vq
+        if self.target_kind == "motion" and self.mask_ratio:
+            raise ValueError("detokenizer 'motion' reconstructs every token: set task.mask_ratio to 0")
+        if self.target_kind != "motion" and not self.mask_ratio:
+            raise ValueError(
+                f"detokenizer {self.target_kind!r} reconstructs hidden tokens: task.mask_ratio must be > 0"
+            )
         return head
 
     def _call(self, model: Callable[..., Any], batch: Any, generator: torch.Generator | None, aux: bool) -> Any:
@@ -200,10 +253,14 @@ class ReconstructionTask(Task):
         head_inputs = {"target": args[0]}
         if self.target_kind == "points":
             head_inputs["target_mask"] = kwargs.get("mask")
+        elif self.target_kind == "motion":
+            if "motion" not in kwargs:
+                raise ValueError("detokenizer 'motion' learns codec motion: set data.motion_vectors: true")
+            head_inputs = {"target": kwargs["motion"]}
         return model(
             *args,
             return_aux=aux,
-            mask_ratio=self.mask_ratio,
+            mask_ratio=self.mask_ratio or None,
             mask_generator=generator,
             head_inputs=head_inputs,
             **kwargs,
@@ -221,12 +278,13 @@ class ReconstructionTask(Task):
         metrics.update(self._call(model, batch, metrics.generator, aux=False), batch)
 
     def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images -> [0, 1] pixels (the loader's normalisation undone)."""
-        c = images.shape[1]
+        """Normalised images ``[B, C, H, W]`` (or frames ``[B, T, C, H, W]``) -> [0, 1] pixels (the loader's
+        normalisation undone)."""
+        c = images.shape[-3]
         if c != len(self.mean):
             raise ValueError(f"task reconstruction has mean/std for {len(self.mean)} channels, the images have {c}")
-        mean = torch.tensor(self.mean, device=images.device).view(1, c, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, c, 1, 1)
+        mean = torch.tensor(self.mean, device=images.device).view(c, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(c, 1, 1)
         return (images.float() * std + mean).clamp(0, 1)
 
     def pixel_views(
