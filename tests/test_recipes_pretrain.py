@@ -22,6 +22,7 @@ FIGURES = {
     "pixels": {"psnr_hidden", "psnr_hidden_fill"},
     "points": {"chamfer_l1", "chamfer_l2_centre"},
     "motion": {"epe", "epe_zero", "psnr", "psnr_codec", "psnr_still", "codebook_usage", "perplexity"},
+    "waveform": {"loss_fill", "spectral_convergence", "spectral_convergence_vocoder"},
 }
 
 pytestmark = pytest.mark.slow
@@ -42,6 +43,9 @@ def test_recipe_trains_and_reports_reconstructions(recipe, small_datasets, tmp_p
     json.dumps(summary)
     if kind == "motion":  # the codec's own motion renders the clip better than no motion at all
         assert test["psnr_codec"] > test["psnr_still"] and 0 < test["codebook_usage"] <= 1
+    if kind == "waveform":  # the report links playable audio; Griffin-Lim of the true fbank keeps the speech
+        assert len(list((out / "report").glob("audio_test_*_reconstruction.flac"))) >= 1
+        assert test["spectral_convergence_vocoder"] < 0.6
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

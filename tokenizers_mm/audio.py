@@ -28,7 +28,7 @@ from .checks import check_input
 from .registry import register_tokenizer
 from .tokens import Tokens
 
-__all__ = ["fbank", "fbank_with_lengths", "num_fbank_frames", "AudioPatches", "AudioFrames"]
+__all__ = ["fbank", "fbank_with_lengths", "num_fbank_frames", "remove_waveform_mean", "AudioPatches", "AudioFrames"]
 
 _MS = 0.001
 # Kaldi / torchaudio floor every log at float32's epsilon, whatever the dtype.
@@ -367,6 +367,19 @@ AST_FBANK_KWARGS = dict(
 )
 
 
+def remove_waveform_mean(
+    waveform: torch.Tensor, lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``waveform [B, S]`` minus each row's mean over its ``lengths`` real samples (padding zeroed), as AST's
+    ``_wav2fbank``; returns the waveform and the lengths as a tensor (or None)."""
+    if lengths is None:
+        return waveform - waveform.mean(-1, keepdim=True), None
+    lengths = torch.as_tensor(lengths, device=waveform.device)
+    valid = torch.arange(waveform.shape[-1], device=waveform.device) < lengths.unsqueeze(1)
+    mean = (waveform * valid).sum(-1, keepdim=True) / lengths.clamp_min(1).unsqueeze(1).to(waveform.dtype)
+    return (waveform - mean) * valid, lengths
+
+
 @register_tokenizer("audio_patches")
 class AudioPatches(nn.Module):
     """Audio Spectrogram Transformer (AST, Gong et al. 2021) tokenizer: fbank -> overlapping 16x16 patches.
@@ -473,13 +486,7 @@ class AudioPatches(nn.Module):
             waveform, lengths, sample_rate, self.sample_rate, self.resample, "audio_patches", self.allow_nonfinite
         )
         if self.subtract_waveform_mean:
-            if lengths is None:
-                waveform = waveform - waveform.mean(-1, keepdim=True)
-            else:
-                lengths = torch.as_tensor(lengths, device=waveform.device)
-                valid = torch.arange(waveform.shape[-1], device=waveform.device) < lengths.unsqueeze(1)
-                mean = (waveform * valid).sum(-1, keepdim=True) / lengths.clamp_min(1).unsqueeze(1).to(waveform.dtype)
-                waveform = (waveform - mean) * valid
+            waveform, lengths = remove_waveform_mean(waveform, lengths)
         return fbank_with_lengths(waveform, self.sample_rate, lengths, **self.fbank_kwargs)
 
     def _positions(self, grid: tuple[int, int]) -> torch.Tensor | None:

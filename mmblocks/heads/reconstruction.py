@@ -18,7 +18,7 @@ from .registry import register_head
 
 __all__ = ["RECONSTRUCTION_TARGETS", "ReconstructionHead", "ReconstructionOutput", "ReconstructionTarget"]
 
-ReconstructionTarget = Literal["pixels", "points", "motion"]
+ReconstructionTarget = Literal["pixels", "points", "motion", "waveform"]
 RECONSTRUCTION_TARGETS: tuple[str, ...] = get_args(ReconstructionTarget)
 
 
@@ -27,7 +27,8 @@ class ReconstructionOutput:
     """What the head returns: the detokenizer's ``pred`` (pixels: ``[B, L, p*p*C]``; points: local points of every
     group ``[B, G, K, 3]``), the ``masking`` the encoder drew (None: nothing hidden), the ``loss`` against the raw
     ``target`` when one was given, and for points the true ``groups`` ``[B, G, K, 3]`` and ``centers`` ``[B, G, 3]``
-    the loss compared against; with a VQ bottleneck the ``codes`` ``[B, N]`` it chose."""
+    the loss compared against; with a VQ bottleneck the ``codes`` ``[B, N]`` it chose; for waveforms the target
+    ``feats`` (normalised fbank ``[B, T, F]``) and real ``frames`` ``[B]``."""
 
     pred: torch.Tensor
     masking: RandomMask | None = None
@@ -35,6 +36,8 @@ class ReconstructionOutput:
     groups: torch.Tensor | None = None
     centers: torch.Tensor | None = None
     codes: torch.Tensor | None = None
+    feats: torch.Tensor | None = None
+    frames: torch.Tensor | None = None
 
     @property
     def hidden(self) -> torch.Tensor | None:
@@ -77,6 +80,32 @@ def _motion_geometry(tokenizer: nn.Module | None) -> dict[str, Any]:
         "block": tokenizer.block,
         "scale": tokenizer.scale,
         "pad_first": tokenizer.pad_first,
+    }
+
+
+def _waveform_geometry(tokenizer: nn.Module | None) -> dict[str, Any]:
+    if tokenizer is None or not hasattr(tokenizer, "compute_fbank") or not hasattr(tokenizer, "tstride"):
+        raise ValueError(
+            f"detokenizer 'waveform' reads its fbank geometry from an audio_patches tokenizer, got "
+            f"{type(tokenizer).__name__}"
+        )
+    p = tokenizer.patch_size
+    if (tokenizer.fstride, tokenizer.tstride) != (p, p):
+        raise ValueError(
+            f"detokenizer 'waveform' needs non-overlapping fbank patches (fstride = tstride = patch_size = {p}), the "
+            f"tokenizer has fstride={tokenizer.fstride}, tstride={tokenizer.tstride}"
+        )
+    if not tokenizer.normalize:
+        raise ValueError("detokenizer 'waveform' expects the tokenizer's fbank normalisation (normalize: true)")
+    return {
+        "patch_size": p,
+        "num_mel_bins": tokenizer.num_mel_bins,
+        "target_frames": tokenizer.target_frames,
+        "sample_rate": tokenizer.sample_rate,
+        "norm_mean": tokenizer.norm_mean,
+        "norm_std": tokenizer.norm_std,
+        "fbank_kwargs": dict(tokenizer.fbank_kwargs),
+        "subtract_waveform_mean": tokenizer.subtract_waveform_mean,
     }
 
 
@@ -128,6 +157,8 @@ class ReconstructionHead(nn.Module):
         self.vq = None
         if detokenizer == "pixels":
             kwargs = {**_pixels_geometry(tokenizer), "norm_pix_loss": norm_pix_loss}
+        elif detokenizer == "waveform":
+            kwargs = _waveform_geometry(tokenizer)
         elif detokenizer == "points":
             kwargs = {**_points_geometry(tokenizer), "head": "folding" if folding else "linear"}
             self.num_groups = int(tokenizer.num_groups)
@@ -159,6 +190,8 @@ class ReconstructionHead(nn.Module):
             return self._points(tokens, masking, target, target_mask)
         if self.target_kind == "motion":
             return self._motion(tokens, masking, target)
+        if self.target_kind == "waveform":
+            return self._waveform(tokens, masking, target, target_mask)
         pred = self.detokenizer(tokens, None if masking is None else masking.ids_restore)
         out = ReconstructionOutput(pred=pred, masking=masking)
         if target is not None:
@@ -208,4 +241,17 @@ class ReconstructionHead(nn.Module):
             out.loss = self.detokenizer.loss(pred, target)
             if vq_loss is not None:
                 out.loss = out.loss + vq_loss
+        return out
+
+    def _waveform(
+        self, tokens: Tokens, masking: RandomMask | None, target: torch.Tensor | None, target_mask: torch.Tensor | None
+    ) -> ReconstructionOutput:
+        dec = self.detokenizer
+        pred = dec(tokens, None if masking is None else masking.ids_restore, dec.grid_size)
+        out = ReconstructionOutput(pred=pred, masking=masking)
+        if target is not None:
+            lengths = None if target_mask is None else target_mask.sum(1)
+            with torch.no_grad():
+                out.feats, out.frames = dec.features(target, lengths)
+            out.loss = dec.loss(out.feats, pred, out.hidden, out.frames)
         return out

@@ -234,8 +234,7 @@ class MMEncoder(nn.Module):
 
     @staticmethod
     def _mask_tokens(tokens: Tokens, mask_ratio: float, generator: torch.Generator | None) -> tuple[Tokens, RandomMask]:
-        if tokens.mask is not None:
-            raise ValueError("mask_ratio: masked reconstruction of padded inputs (a token mask) is not supported")
+        # a padding mask travels with the kept tokens (padded tokens may be hidden or kept; the head scores real ones)
         b, n = tokens.batch_size, tokens.num_grid_tokens
         # a generator draws on its own device (the CPU for evaluation's fixed masks), then the noise moves
         noise = torch.rand(b, n, generator=generator, device=None if generator is not None else tokens.x.device)

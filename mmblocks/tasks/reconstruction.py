@@ -16,6 +16,12 @@ field, px) against ``epe_zero`` (the zero field's), and the PSNR of the clip ren
 motion (``psnr``), by the codec's own motion (``psnr_codec``, the upper bound of a motion-only renderer) and with no
 motion (``psnr_still``); ``codebook_usage`` and ``perplexity`` of the codes over the split.
 
+Metrics, waveform (an fbank-patch MAE, Audio-MAE): ``loss`` (patch MSE of the normalised fbank over the hidden
+real patches) against ``loss_fill`` (every hidden patch filled with the clip's mean visible value), and the spectral
+convergence between the original waveform and Griffin-Lim of the reconstructed fbank (``spectral_convergence``) or of
+the true fbank (``spectral_convergence_vocoder``: what the vocoder alone loses) on the first ``sc_clips`` clips; the
+report links flac files of a few clips.
+
 Evaluation draws its masks from a generator seeded with ``eval_seed`` at every evaluation, so every checkpoint is
 scored on the same masks. The report shows originals, masked inputs and reconstructions as a PNG.
 """
@@ -29,7 +35,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tokenizers_mm.detokenizers import chamfer_distance, endpoint_error, psnr, warp_clip
+from tokenizers_mm.detokenizers import (
+    chamfer_distance,
+    endpoint_error,
+    psnr,
+    save_audio,
+    spectral_convergence,
+    warp_clip,
+)
 from tokenizers_mm.image import unpatchify
 
 from ..heads import ReconstructionOutput
@@ -50,6 +63,7 @@ class ReconstructionMetrics(Metrics):
         "pixels": ("psnr_hidden", "psnr_hidden_fill"),
         "points": ("chamfer_l1", "chamfer_l2_centre"),
         "motion": ("epe", "epe_zero", "psnr", "psnr_codec", "psnr_still"),
+        "waveform": ("loss_fill",),
     }
 
     def __init__(self, task: ReconstructionTask, device: torch.device):
@@ -60,6 +74,8 @@ class ReconstructionMetrics(Metrics):
         self.code_counts = torch.zeros(vq.codebook_size if vq is not None else 0, dtype=torch.float64, device=device)
         self.generator = torch.Generator().manual_seed(task.eval_seed)
         self.panels: list[Any] = []  # images: [K, C, H, W]; points: (all, visible, reconstruction) point arrays
+        self.sc = torch.zeros(3, dtype=torch.float64, device=device)  # waveform: SC sums (reconstruction, vocoder), n
+        self.audio: list[tuple[torch.Tensor, ...]] = []  # waveform: (original, vocoded truth, vocoded reconstruction)
 
     def _add(self, name: str, per_batch_sum: torch.Tensor) -> None:
         self.totals[2 + self.names.index(name)] += per_batch_sum.detach().double()
@@ -75,6 +91,8 @@ class ReconstructionMetrics(Metrics):
             self._update_points(output, n)
         elif self.task.target_kind == "motion":
             self._update_motion(output, batch, n)
+        elif self.task.target_kind == "waveform":
+            self._update_waveform(output, batch, n)
         else:
             self._update_pixels(output, batch.inputs, n)
 
@@ -116,14 +134,49 @@ class ReconstructionMetrics(Metrics):
         for i in range(min(n, self.task.examples - len(self.panels))):
             self.panels.append(torch.cat([frames[i, steps], codec[i, steps], decoded[i, steps]]).detach().cpu())
 
+    def _update_waveform(self, output: ReconstructionOutput, batch: Any, n: int) -> None:
+        dec, hidden, feats, frames = self.task.detokenizer, output.hidden, output.feats, output.frames
+        target = dec.target(feats)
+        real = dec.real_patches(frames)
+        visible = (1 - hidden) * real
+        level = (target.mean(-1) * visible).sum(1) / visible.sum(1).clamp_min(1)  # [B] mean of the visible patches
+        self._add("loss_fill", dec.loss(feats, level[:, None, None].expand_as(target), hidden, frames) * n)
+        take = min(n, self.task.sc_clips - int(self.sc[2].item()))
+        if take <= 0:
+            return
+        recon = dec.spectrogram(output.pred.float(), feats, hidden)
+        lengths = batch.mask.sum(1) if batch.mask is not None else torch.full((n,), batch.inputs.shape[1])
+        for i in range(take):
+            original = batch.inputs[i, : int(lengths[i])].float().cpu()
+            vocoded, rebuilt = (dec.to_waveform(f[i : i + 1], frames[i : i + 1])[0].cpu() for f in (feats, recon))
+            self.sc[0] += float(spectral_convergence(rebuilt, original))
+            self.sc[1] += float(spectral_convergence(vocoded, original))
+            self.sc[2] += 1
+            if len(self.audio) < min(self.task.examples, 4):
+                self.audio.append((original, vocoded, rebuilt))
+            if len(self.panels) < self.task.examples:
+                masked = torch.where(self._hidden_frames(dec, hidden[i]).bool(), -1.5, feats[i])  # hidden: darkest
+                views = (feats[i], masked, recon[i])  # all target_frames (padding on the right), one width per row
+                self.panels.append(torch.stack([((v.T.flip(0) + 1.5) / 3).unsqueeze(0) for v in views]).cpu())
+
+    @staticmethod
+    def _hidden_frames(dec: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [L]`` -> ``[T, F]`` 1 where the fbank value lies in a hidden patch."""
+        p = dec.patch_size
+        grid = unpatchify(hidden.float()[None, :, None].expand(1, -1, p * p), p, dec.grid_size)  # [1, 1, F, T]
+        return grid[0, 0].T
+
     def sync(self) -> None:
-        all_reduce_sum_([self.totals, self.code_counts])
+        all_reduce_sum_([self.totals, self.code_counts, self.sc])
 
     def compute(self) -> dict[str, float]:
         loss, n, *figures = self.totals.tolist()
         if n == 0:
             return {"loss": float("nan"), **{k: float("nan") for k in self.names}, "samples": 0}
         out = {"loss": loss / n, **{k: v / n for k, v in zip(self.names, figures)}, "samples": int(n)}
+        if self.sc[2] > 0:
+            out["spectral_convergence"] = float(self.sc[0] / self.sc[2])
+            out["spectral_convergence_vocoder"] = float(self.sc[1] / self.sc[2])
         if self.code_counts.numel():
             p = self.code_counts / self.code_counts.sum().clamp_min(1.0)
             out["codebook_usage"] = float((self.code_counts > 0).double().mean())
@@ -139,6 +192,24 @@ class ReconstructionMetrics(Metrics):
         if isinstance(self.panels[0], tuple):
             save_point_panels(self.panels, path)
             what = "cloud", "groups", "visible groups"
+        elif self.task.target_kind == "waveform":
+            save_panels(self.panels, path)
+            sections = []
+            text = (
+                f"![reconstructions]({path.name})\n\nRows: {len(self.panels)} {split} clips; columns: the normalised "
+                f"Kaldi fbank (low frequencies at the bottom), what the encoder saw ({self.task.mask_ratio:.0%} of the "
+                "patches hidden, dark), the reconstruction with the visible patches pasted back.\n"
+            )
+            sections.append((f"Reconstructions ({split})", text))
+            sr = self.task.detokenizer.sample_rate
+            rows = ["| clip | original | Griffin-Lim of the true fbank | of the reconstruction |", "|---|---|---|---|"]
+            for i, waves in enumerate(self.audio):
+                names = [f"audio_{split}_{i}_{w}.flac" for w in ("original", "vocoder", "reconstruction")]
+                for name, wave in zip(names, waves):
+                    save_audio(out_dir / name, wave, sr)
+                rows.append(f"| {i} | " + " | ".join(f"[{n}]({n})" for n in names) + " |")
+            sections.append((f"Audio ({split})", "\n".join(rows) + "\n"))
+            return sections
         elif self.task.target_kind == "motion":
             save_panels(self.panels, path)
             k = self.panels[0].shape[0] // 3
@@ -210,7 +281,9 @@ class ReconstructionTask(Task):
         mask_ratio: share of grid tokens hidden from the encoder (MAE: 0.75).
         mean / std: the loader's image normalisation (ImageNet's by default), undone for PSNR and pictures.
         eval_seed: seed of the evaluation masks (the same masks at every evaluation).
-        examples: images shown in the report.
+        examples: samples shown in the report.
+        sc_clips: waveform: clips per split rendered to sound by Griffin-Lim for the spectral convergence (it costs
+            two vocoder runs per clip).
     """
 
     fields = ()
@@ -225,6 +298,7 @@ class ReconstructionTask(Task):
         std: Sequence[float] = IMAGENET_STD,
         eval_seed: int = 0,
         examples: int = 8,
+        sc_clips: int = 64,
     ):
         if not 0.0 <= float(mask_ratio) < 1.0:
             raise ValueError(
@@ -233,6 +307,7 @@ class ReconstructionTask(Task):
         if len(mean) != len(std) or any(s <= 0 for s in std):
             raise ValueError(f"mean and std must have one entry per channel and std > 0, got {mean} and {std}")
         self.mask_ratio, self.eval_seed, self.examples = float(mask_ratio), int(eval_seed), int(examples)
+        self.sc_clips = int(sc_clips)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.detokenizer: nn.Module | None = None
         self.target_kind, self.vq = "pixels", None
@@ -251,7 +326,7 @@ class ReconstructionTask(Task):
     def _call(self, model: Callable[..., Any], batch: Any, generator: torch.Generator | None, aux: bool) -> Any:
         args, kwargs = self.model_inputs(batch)
         head_inputs = {"target": args[0]}
-        if self.target_kind == "points":
+        if self.target_kind in ("points", "waveform"):
             head_inputs["target_mask"] = kwargs.get("mask")
         elif self.target_kind == "motion":
             if "motion" not in kwargs:

@@ -4,6 +4,8 @@ from .masking import RandomMask, keep_tokens, random_masking
 from .motion import WARP_PADDINGS, MotionDecoder, endpoint_error, upsample_field, warp, warp_clip
 from .pixels import PatchDecoder, PixelDecoder, mae_sincos_2d, patch_mse, psnr
 from .points import PointDecoder, chamfer_distance, random_group_mask, select_visible
+from .spectrogram import WaveformDecoder
+from .waveform import GriffinLimVocoder, log_spectral_distance, save_audio, spectral_convergence
 
 __all__ = [
     "WARP_PADDINGS",
@@ -12,7 +14,12 @@ __all__ = [
     "upsample_field",
     "warp",
     "warp_clip",
+    "GriffinLimVocoder",
     "PatchDecoder",
+    "WaveformDecoder",
+    "log_spectral_distance",
+    "save_audio",
+    "spectral_convergence",
     "PointDecoder",
     "chamfer_distance",
     "random_group_mask",
