@@ -45,14 +45,12 @@ from tokenizers_mm.detokenizers import (
 )
 from tokenizers_mm.image import unpatchify
 
+from ..data.transforms import default_mean_std
 from ..heads import ReconstructionOutput
 from .base import Metrics, StepOutput, Task, all_reduce_sum_
 from .registry import register_task
 
 __all__ = ["ReconstructionMetrics", "ReconstructionTask"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ReconstructionMetrics(Metrics):
@@ -279,7 +277,8 @@ class ReconstructionTask(Task):
 
     Args:
         mask_ratio: share of grid tokens hidden from the encoder (MAE: 0.75).
-        mean / std: the loader's image normalisation (ImageNet's by default), undone for PSNR and pictures.
+        mean / std: the loader's image normalisation, undone for PSNR and pictures (default: the loader's own
+            default, ImageNet's for 3 channels and 0.5 / 0.5 otherwise).
         eval_seed: seed of the evaluation masks (the same masks at every evaluation).
         examples: samples shown in the report.
         sc_clips: waveform: clips per split rendered to sound by Griffin-Lim for the spectral convergence (it costs
@@ -294,8 +293,8 @@ class ReconstructionTask(Task):
     def __init__(
         self,
         mask_ratio: float = 0.75,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         eval_seed: int = 0,
         examples: int = 8,
         sc_clips: int = 64,
@@ -304,20 +303,25 @@ class ReconstructionTask(Task):
             raise ValueError(
                 f"mask_ratio must be in [0, 1) (0: nothing hidden, e.g. a VQ motion autoencoder), got {mask_ratio}"
             )
-        if len(mean) != len(std) or any(s <= 0 for s in std):
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std (the loader's normalisation) or neither")
+        if mean is not None and (len(mean) != len(std) or any(s <= 0 for s in std)):
             raise ValueError(f"mean and std must have one entry per channel and std > 0, got {mean} and {std}")
         self.mask_ratio, self.eval_seed, self.examples = float(mask_ratio), int(eval_seed), int(examples)
         self.sc_clips = int(sc_clips)
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.mean = None if mean is None else tuple(float(m) for m in mean)
+        self.std = None if std is None else tuple(float(s) for s in std)
         self.detokenizer: nn.Module | None = None
         self.target_kind, self.vq = "pixels", None
 
     def build_head(self, in_dim: int, name: str | None = None, tokenizer: nn.Module | None = None, **kwargs: Any):
         head = super().build_head(in_dim, name, tokenizer=tokenizer, **kwargs)
         self.detokenizer, self.target_kind, self.vq = head.detokenizer, head.target_kind, head.vq
-        if self.target_kind == "motion" and self.mask_ratio:
-            raise ValueError("detokenizer 'motion' reconstructs every token: set task.mask_ratio to 0")
-        if self.target_kind != "motion" and not self.mask_ratio:
+        every_token = self.target_kind == "motion" or self.vq is not None  # autoencoders: nothing hidden
+        if every_token and self.mask_ratio:
+            vq = " with a VQ bottleneck" if self.vq is not None else ""
+            raise ValueError(f"detokenizer {self.target_kind!r}{vq} reconstructs every token: set task.mask_ratio to 0")
+        if not every_token and not self.mask_ratio:
             raise ValueError(
                 f"detokenizer {self.target_kind!r} reconstructs hidden tokens: task.mask_ratio must be > 0"
             )
@@ -356,10 +360,11 @@ class ReconstructionTask(Task):
         """Normalised images ``[B, C, H, W]`` (or frames ``[B, T, C, H, W]``) -> [0, 1] pixels (the loader's
         normalisation undone)."""
         c = images.shape[-3]
-        if c != len(self.mean):
-            raise ValueError(f"task reconstruction has mean/std for {len(self.mean)} channels, the images have {c}")
-        mean = torch.tensor(self.mean, device=images.device).view(c, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(c, 1, 1)
+        mean, std = (self.mean, self.std) if self.mean is not None else default_mean_std(c)
+        if c != len(mean):
+            raise ValueError(f"task reconstruction has mean/std for {len(mean)} channels, the images have {c}")
+        mean = torch.tensor(mean, device=images.device).view(c, 1, 1)
+        std = torch.tensor(std, device=images.device).view(c, 1, 1)
         return (images.float() * std + mean).clamp(0, 1)
 
     def pixel_views(
