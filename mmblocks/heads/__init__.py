@@ -1,6 +1,7 @@
 """Heads on top of `Tokens`, registered by name (`create_head`, `list_heads`)."""
 
 from .classification import POOLING, ClassifierHead, Pooling, pool_tokens
+from .code_lm import CodeLMHead, CodeLMOutput
 from .contrastive import CONTRASTIVE_PROJECTIONS, ContrastiveHead
 from .ctc import CharVocab, CTCHead, CTCOutput
 from .prefix_lm import IGNORE_INDEX, PrefixLMHead, PrefixLMOutput, SplicedBatch
@@ -16,6 +17,8 @@ __all__ = [
     "CONTRASTIVE_PROJECTIONS",
     "CharVocab",
     "ClassifierHead",
+    "CodeLMHead",
+    "CodeLMOutput",
     "ContrastiveHead",
     "CTCHead",
     "CTCOutput",

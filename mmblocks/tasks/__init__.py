@@ -7,9 +7,15 @@ from .ctc import CTCMetrics, CTCTask
 from .prefix_lm import PREFIX_LM_METRICS, PrefixLMMetrics, PrefixLMTask, prefix_lm_head, take_tokens
 from .reconstruction import ReconstructionMetrics, ReconstructionTask
 from .registry import TASKS, create_task, list_tasks, register_task
+from .text_to_image import DIGIT_WORDS, TextToImageMetrics, TextToImageTask, code_lm_head, digits_judge
 
 __all__ = [
+    "DIGIT_WORDS",
     "TASKS",
+    "TextToImageMetrics",
+    "TextToImageTask",
+    "code_lm_head",
+    "digits_judge",
     "ClassificationMetrics",
     "ClassificationTask",
     "ContrastiveMetrics",

@@ -5,7 +5,9 @@ hidden part only.
 Metrics, images (in pixel space: the loader's normalisation undone with the task's ``mean`` / ``std``): ``loss``
 (MAE's, on the normalised target), ``psnr_hidden`` (dB over the hidden pixels of the pasted reconstruction), and
 ``psnr_hidden_fill`` (the same for a reconstruction that fills every hidden pixel with the mean colour of the visible
-ones: the level a decoder must beat to have learned anything beyond the image's average).
+ones: the level a decoder must beat to have learned anything beyond the image's average). A VQ image tokenizer
+(``mask_ratio: 0``) hides nothing: both are then taken over every pixel, the fill being each image's mean colour;
+``codebook_usage`` and ``perplexity`` of its codes over the split.
 
 Metrics, points: ``loss`` = ``chamfer_l2`` (Point-MAE's, over the hidden groups' local points), ``chamfer_l1``, and
 ``chamfer_l2_centre`` (every hidden point predicted at its group centre: the level to beat).
@@ -382,7 +384,10 @@ class ReconstructionTask(Task):
         hidden_px = unpatchify(hidden[..., None].float().expand(-1, -1, p * p), p, grid)  # [B, 1, H, W]
         true = self.to_pixels(images)
         visible = 1 - hidden_px
-        colour = (true * visible).flatten(2).sum(2) / visible.flatten(2).sum(2).clamp_min(1.0)  # [B, C]
+        # the mean colour of the visible pixels (of every pixel when nothing is visible: a VQ autoencoder, where the
+        # baseline keeps one number per image and channel)
+        seen = visible if bool(visible.any()) else torch.ones_like(visible)
+        colour = (true * seen).flatten(2).sum(2) / seen.flatten(2).sum(2).clamp_min(1.0)  # [B, C]
         fill = true * visible + colour[:, :, None, None] * hidden_px
         return recon, fill, hidden_px
 
