@@ -122,6 +122,7 @@ def test_the_vq_tokenizer_stays_frozen_while_the_extension_trains():
 
 def test_the_judge_reads_real_digits():
     judge, acc = digits_judge(0)
+    assert hasattr(judge, "predict")
     assert acc > 0.9  # logistic regression on the real 8x8 digits (scikit-learn: ~96%)
 
 
