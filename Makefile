@@ -46,7 +46,7 @@ docs: install
 # by hand with the arguments bench/README.md gives)
 BENCHES = bench_llm_overhead bench_llm_load bench_input_checks bench_loader bench_train_step bench_points \
 	bench_fbank bench_video bench_qformer bench_adapters bench_llm_moe_load bench_prefix_lm bench_lm_checkpointing \
-	bench_zeroshot bench_contrastive
+	bench_zeroshot bench_contrastive bench_vq bench_detokenizers
 
 bench: install
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; HF_HUB_OFFLINE=1 $(PY) bench/$$b.py || exit 1; done

@@ -144,7 +144,8 @@ class ReconstructionMetrics(Metrics):
         take = min(n, self.task.sc_clips - int(self.sc[2].item()))
         if take <= 0:
             return
-        recon = dec.spectrogram(output.pred.float(), feats, hidden)
+        scored = hidden * real  # hidden real patches are predicted; visible ones and padding stay true
+        recon = dec.spectrogram(output.pred.float(), feats, scored)
         lengths = batch.mask.sum(1) if batch.mask is not None else torch.full((n,), batch.inputs.shape[1])
         for i in range(take):
             original = batch.inputs[i, : int(lengths[i])].float().cpu()
@@ -155,7 +156,7 @@ class ReconstructionMetrics(Metrics):
             if len(self.audio) < min(self.task.examples, 4):
                 self.audio.append((original, vocoded, rebuilt))
             if len(self.panels) < self.task.examples:
-                masked = torch.where(self._hidden_frames(dec, hidden[i]).bool(), -1.5, feats[i])  # hidden: darkest
+                masked = torch.where(self._hidden_frames(dec, scored[i]).bool(), -1.5, feats[i])  # hidden: darkest
                 views = (feats[i], masked, recon[i])  # all target_frames (padding on the right), one width per row
                 self.panels.append(torch.stack([((v.T.flip(0) + 1.5) / 3).unsqueeze(0) for v in views]).cpu())
 
