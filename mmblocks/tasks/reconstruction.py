@@ -115,6 +115,9 @@ class ReconstructionMetrics(Metrics):
         self._add("psnr_hidden", _masked_psnr(recon, true, hidden_px).sum())
         self._add("psnr_hidden_fill", _masked_psnr(fill, true, hidden_px).sum())
         for i in range(min(n, self.task.examples - len(self.panels))):
+            if output.masking is None:  # a VQ autoencoder: the image and its reconstruction from codes
+                self.panels.append(torch.stack([true[i], recon[i]]).detach().cpu())
+                continue
             masked = true[i] * (1 - hidden_px[i]) + 0.5 * hidden_px[i]
             self.panels.append(torch.stack([true[i], masked, recon[i]]).detach().cpu())
 
@@ -218,6 +221,13 @@ class ReconstructionMetrics(Metrics):
                 f"![reconstructions]({path.name})\n\nRows: {len(self.panels)} {split} clips; columns: {k} frames of "
                 f"the clip, the same frames rendered from its keyframe by the codec's own motion (the upper bound), "
                 f"and by the motion decoded from the {'VQ codes' if self.task.vq is not None else 'tokens'}.\n"
+            )
+            return [(f"Reconstructions ({split})", text)]
+        elif self.panels[0].shape[0] == 2:
+            save_panels(self.panels, path)
+            text = (
+                f"![reconstructions]({path.name})\n\nRows: {len(self.panels)} {split} images; columns: the image and "
+                "its reconstruction from its VQ codes.\n"
             )
             return [(f"Reconstructions ({split})", text)]
         else:
