@@ -248,8 +248,17 @@ def build_encoder(
     with config_errors("model.insert_at"):
         encoder = MMEncoder(tokenizer, backbone, llm_stage, head, insert_at=m["insert_at"])
     init = m["init"]
+    loaded: list[str] = []
     if init["checkpoint"] is not None:
-        load_encoder_weights(encoder, init["checkpoint"], stages=init["stages"])
+        loaded = load_encoder_weights(encoder, init["checkpoint"], stages=init["stages"])
+    if hasattr(head, "codec_state_names"):  # a head over a trained VQ tokenizer (code_lm) must get all of it
+        missing = [n for n in (f"head.{k}" for k in head.codec_state_names()) if n not in set(loaded)]
+        if missing:
+            raise ConfigError(
+                f"model.init.checkpoint: head {type(head).__name__} generates the codes of a trained VQ tokenizer, "
+                f"but {len(missing)} of its tensors were not loaded (e.g. {missing[:2]}): give the run of its "
+                "tokenizer (e.g. configs/pretrain/digits_vq_pixels.yaml) with model.init.stages holding head"
+            )
     freeze_stages(encoder, m["freeze"])
     if verbose:
         print(encoder.parameter_table())

@@ -72,3 +72,16 @@ def test_overlapping_patches_are_refused():
     tok = AudioPatches(embed_dim=16, num_mel_bins=64, target_frames=48, fstride=10, tstride=10)
     with pytest.raises(ValueError, match="non-overlapping"):
         create_head("reconstruction", 16, detokenizer="waveform", tokenizer=tok)
+
+
+def test_features_and_sound_under_bf16_autocast(pair):
+    """The trainer evaluates under autocast: the fbank target and Griffin-Lim (its IIR de-emphasis refuses mixed
+    dtypes) run in float32 anyway."""
+    _, dec = pair
+    wav = torch.randn(2, 8000) * 0.1
+    feats, frames = dec.features(wav)
+    with torch.autocast("cpu", torch.bfloat16):
+        feats_ac, _ = dec.features(wav)
+        waves = dec.to_waveform(feats, frames)
+    assert feats_ac.dtype == torch.float32 and torch.equal(feats_ac, feats)
+    torch.testing.assert_close(waves[0], dec.to_waveform(feats, frames)[0])

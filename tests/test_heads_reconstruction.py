@@ -83,3 +83,64 @@ def test_task_to_pixels_undoes_the_loader_normalisation():
     assert out[0, 0, :, 0, 0].tolist() == [0.5, 0.25, 0.0]
     with pytest.raises(ValueError, match="3 channels"):
         task.to_pixels(torch.zeros(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("kind", ["vq_pixels", "points_no_cls", "motion_vq"])
+def test_every_trainable_parameter_gets_a_gradient(kind):
+    """DDP (without find_unused_parameters) stalls on a trainable parameter no forward uses: a VQ image tokenizer
+    hides nothing (no mask token), a points tokenizer without cls needs no context position."""
+    torch.manual_seed(0)
+    if kind == "vq_pixels":
+        tok = ImagePatches(img_size=8, patch_size=2, in_chans=1, embed_dim=16)
+        head = ReconstructionHead(16, "pixels", 16, 1, 2, norm_pix_loss=False, codebook_size=8, code_dim=4, tokenizer=tok)
+        images = torch.randn(2, 1, 8, 8)
+        out = head(tok(images), target=images)
+    elif kind == "points_no_cls":
+        tok = PointGroups(num_groups=8, group_size=4, embed_dim=16, class_token=False)
+        head = ReconstructionHead(16, "points", 16, 1, 2, tokenizer=tok)
+        points = torch.randn(2, 64, 3)
+        m = random_masking(2, 8, 0.5)
+        out = head(keep_tokens(tok(points), m.ids_keep), masking=m, target=points)
+    else:
+        tok = MotionTokens(embed_dim=16, patch_size=1, t_patch=2, source="codec", img_size=32, num_frames=8)
+        head = ReconstructionHead(16, "motion", 16, 1, 2, codebook_size=8, code_dim=4, tokenizer=tok)
+        field = torch.randn(2, 7, 2, 2, 2)
+        out = head(tok(motion=field), target=field)
+    out.loss.backward()
+    unused = [n for n, p in head.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused
+
+
+def test_vq_pixels_refuse_normalised_targets_and_masked_heads_check_the_kept_count():
+    tok = ImagePatches(img_size=8, patch_size=2, in_chans=1, embed_dim=16)
+    with pytest.raises(ValueError, match="norm_pix_loss: false"):
+        ReconstructionHead(16, "pixels", 16, 1, 2, norm_pix_loss=True, codebook_size=8, tokenizer=tok)
+    head = ReconstructionHead(16, "pixels", 16, 1, 2, tokenizer=tok)
+    tokens = tok(torch.randn(2, 1, 8, 8))
+    m = random_masking(2, 16, 0.5)
+    pooled = keep_tokens(tokens, m.ids_keep[:, :4])  # as if an adapter had pooled the kept tokens
+    with pytest.raises(ValueError, match="changed the token count"):
+        head(pooled, masking=m)
+
+
+def test_evaluation_scores_every_checkpoint_on_the_same_masks():
+    from types import SimpleNamespace
+
+    from mmblocks.builders import build_encoder
+    from mmblocks.config import load_config
+
+    cfg = load_config("configs/pretrain/textures_mae_vit_tiny.yaml")
+    task = ReconstructionTask()
+    model = build_encoder(cfg, task=task, verbose=False).eval()
+    batch = SimpleNamespace(inputs=torch.randn(3, 3, 32, 32), mask=None, extra={}, model_inputs=None)
+    batch.model_inputs = lambda: ((batch.inputs,), {})
+    draws = []
+    for _ in range(2):
+        metrics = task.new_metrics(torch.device("cpu"))
+        with torch.no_grad():
+            out = task._call(model, batch, metrics.generator, aux=False)
+        draws.append(out.masking.ids_keep)
+    assert torch.equal(draws[0], draws[1])
+    with torch.no_grad():
+        fresh = task._call(model, batch, None, aux=False).masking.ids_keep  # training draws from the global RNG
+    assert fresh.shape == draws[0].shape

@@ -138,3 +138,11 @@ def test_recipe_runs_from_a_trained_vq_tokenizer(small_datasets, tmp_path):
     assert {"generated_acc", "distinct", "judge_acc_real", "judge_acc_recon", "loss"} <= set(test)
     assert test["chance"] == pytest.approx(0.1) and test["judge_acc_real"] > 0.9
     assert (tmp_path / "t2i" / "report" / "generated_test.png").exists()
+
+
+def test_the_recipe_refuses_to_start_without_a_trained_vq_tokenizer(small_datasets, tmp_path):
+    from mmblocks.config import ConfigError
+
+    root = small_datasets("digits")
+    with pytest.raises(ConfigError, match="model.init.checkpoint"):
+        build_trainer(REPO / "configs/generation/digits_text_to_image_smollm2.yaml", short_run(root, tmp_path / "t2i"))

@@ -387,3 +387,17 @@ def test_codebook_setter_keeps_the_ema_invariant(distance):
     vq.decay = 1.0
     vq(_x(d=8, seed=5))
     torch.testing.assert_close(vq.codebook, expected)
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_bf16_autocast_does_not_change_the_codes(distance):
+    """Distances, k-means and the EMA run in float32 under autocast (bf16's 2x.c - |c|^2 picks other codes)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 256, 16) * 3
+    a, b = VectorQuantizer(16, 512, distance=distance), VectorQuantizer(16, 512, distance=distance)
+    b.load_state_dict(a.state_dict())
+    ia = a.train()(x)[1]
+    with torch.autocast("cpu", torch.bfloat16):
+        ib = b.train()(x)[1]
+    assert torch.equal(ia, ib)
+    torch.testing.assert_close(a.embed, b.embed)

@@ -14,8 +14,9 @@ use as the oracle: ``cluster_size`` starts at ones and ``embed_avg`` at the code
 codes come from the codebook *before* the step's update, and with cosine distance the returned codes are the unit-norm
 codes (the straight-through gradient then flows through the input's normalisation). Differences, all deliberate:
 
-- no einops / einx; one codebook, no heads, no projections, no distributed all-reduce of the EMA statistics (on
-  several ranks each keeps its own codebook);
+- no einops / einx; one codebook, no heads, no projections. Under torch.distributed the EMA statistics are summed over
+  the ranks before the update (as the reference's ``sync_codebook``), and the k-means init and dead-code restarts are
+  rank 0's, broadcast, so every rank holds the same codebook;
 - padded tokens (``mask`` False) get index `PAD_INDEX` (-1) and a zero output, as in the reference, and never touch the
   statistics; a batch with no real token leaves the EMA buffers unchanged (the reference decays them toward zero);
 - the commitment loss is also computed in eval mode (the reference returns 0 there), for validation curves, and with
@@ -37,6 +38,7 @@ import math
 from typing import Literal, NamedTuple, get_args
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -68,6 +70,10 @@ class CodebookUsage(NamedTuple):
     perplexity: torch.Tensor
     used: torch.Tensor
     dead: torch.Tensor
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +151,8 @@ class VectorQuantizer(nn.Module):
         codebook_size: K, the number of codes.
         distance: ``"euclidean"`` (nearest by L2 distance) or ``"cosine"`` (tokens and codes l2-normalised, nearest by
             dot product; the outputs are unit-norm codes).
-        decay: EMA decay of the codebook statistics, in ``[0, 1]`` (1 freezes the codebook).
+        decay: EMA decay of the codebook statistics, in ``[0, 1]`` (1 stops the EMA; a pending k-means init and
+            dead-code restarts still write the codebook).
         commitment_weight: weight of the commitment loss ``MSE(x, sg[q])`` (beta of VQ-VAE). The default 0.25 is the
             VQ-VAE paper's value (which it found robust from 0.1 to 2.0); vector-quantize-pytorch defaults to 1.0.
         kmeans_init: initialise the codebook by k-means (greedy k-means++ seeds, `kmeans_iters` Lloyd iterations;
@@ -314,7 +321,14 @@ class VectorQuantizer(nn.Module):
         In training mode the step also runs the k-means init (first batch, if `kmeans_init`), the EMA update of the
         codebook from the real tokens (after the assignment: the outputs use the codebook as it was before the
         step) and the dead-code replacement.
+
+        Autocast is switched off inside: distances, k-means and the EMA run in the buffers' dtype (under bf16
+        autocast the ``2 x.c - |c|^2`` scores cancel badly and pick other codes).
         """
+        with torch.autocast(device_type=x.device.type if isinstance(x, torch.Tensor) else "cpu", enabled=False):
+            return self._forward(x, mask)
+
+    def _forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self._check_x(x)
         b, n, d = x.shape
         mask = self._check_mask(mask, b, n, f"x {tuple(x.shape)}")
@@ -378,6 +392,11 @@ class VectorQuantizer(nn.Module):
             sums = flat.new_zeros(k, self.dim).index_add_(0, idx, flat * weight[:, None])
             # no real token: leave the statistics as they are (without a host sync)
             rate = (weight.sum() > 0).to(flat.dtype) * (1.0 - self.decay)
+        if _distributed():  # every rank applies the statistics of the whole global batch
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+            if isinstance(rate, torch.Tensor):
+                dist.all_reduce(rate, op=dist.ReduceOp.MAX)
         self.cluster_size.lerp_(counts, rate)
         self.embed_avg.lerp_(sums, rate)
         self._refresh_codebook()
@@ -389,13 +408,13 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _init_by_kmeans(self, flat: torch.Tensor, weight: torch.Tensor | None) -> None:
         samples = self._real_rows(flat, weight)
-        if samples.shape[0] == 0:
-            return  # no real token yet: initialise on a later batch
-        means, counts = _kmeans(samples, self.codebook_size, self.kmeans_iters, self.cosine)
-        self.cluster_size.copy_(counts)
-        self.embed.copy_(means)
-        self.embed_avg.copy_(means * _laplace_smoothed(self.cluster_size, self.eps)[:, None])
-        self.initted.fill_(True)
+        if samples.shape[0] > 0:  # else no real token yet: initialise on a later batch
+            means, counts = _kmeans(samples, self.codebook_size, self.kmeans_iters, self.cosine)
+            self.cluster_size.copy_(counts)
+            self.embed.copy_(means)
+            self.embed_avg.copy_(means * _laplace_smoothed(self.cluster_size, self.eps)[:, None])
+            self.initted.fill_(True)
+        self._broadcast_state()  # rank 0's init is every rank's
 
     @torch.no_grad()
     def _expire_dead_codes(self, flat: torch.Tensor, weight: torch.Tensor | None) -> None:
@@ -407,15 +426,20 @@ class VectorQuantizer(nn.Module):
             return
         samples = self._real_rows(flat, weight)
         num_samples = samples.shape[0]
-        if num_samples == 0:
-            return
-        dead_idx = dead.nonzero().squeeze(1)
-        if dead_idx.numel() > num_samples:  # replace a random subset now, the rest on later steps
-            dead_idx = dead_idx[torch.randperm(dead_idx.numel(), device=dead_idx.device)[:num_samples]]
-        new = samples[torch.randperm(num_samples, device=samples.device)[: dead_idx.numel()]]
-        self.embed[dead_idx] = new
-        self.cluster_size[dead_idx] = threshold
-        self.embed_avg[dead_idx] = new * threshold
+        if num_samples > 0:
+            dead_idx = dead.nonzero().squeeze(1)
+            if dead_idx.numel() > num_samples:  # replace a random subset now, the rest on later steps
+                dead_idx = dead_idx[torch.randperm(dead_idx.numel(), device=dead_idx.device)[:num_samples]]
+            new = samples[torch.randperm(num_samples, device=samples.device)[: dead_idx.numel()]]
+            self.embed[dead_idx] = new
+            self.cluster_size[dead_idx] = threshold
+            self.embed_avg[dead_idx] = new * threshold
+        self._broadcast_state()  # the synced statistics make every rank get here; rank 0's draws win
+
+    def _broadcast_state(self) -> None:
+        if _distributed():
+            for buf in (self.embed, self.cluster_size, self.embed_avg, self.initted):
+                dist.broadcast(buf, src=0)
 
     # ------------------------------------------------------------------ decoding and statistics
     def decode(self, indices: torch.Tensor) -> torch.Tensor:

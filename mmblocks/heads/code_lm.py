@@ -103,6 +103,15 @@ class CodeLMHead(ReconstructionHead):
         """The frozen VQ tokenizer's parts."""
         return [self.pre_vq, self.vq, self.post_vq, self.detokenizer]
 
+    def codec_state_names(self) -> list[str]:
+        """Names (relative to this head) of the VQ tokenizer's tensors that a trained tokenizer's checkpoint must
+        provide (`mmblocks.builders.build_encoder` checks it): every parameter and persistent buffer of ``pre_vq``,
+        ``vq``, ``post_vq`` and the decoder, but the decoder's mask token (a VQ autoencoder hides nothing)."""
+        names = []
+        for attr in ("pre_vq", "vq", "post_vq", "detokenizer"):
+            names += [f"{attr}.{n}" for n in getattr(self, attr).state_dict()]
+        return [n for n in names if n != "detokenizer.mask_token"]
+
     def train(self, mode: bool = True) -> CodeLMHead:
         super().train(mode)
         for module in self._codec():  # the frozen tokenizer: no EMA codebook update, no dropout

@@ -130,7 +130,8 @@ class ReconstructionHead(nn.Module):
 
     ``forward(tokens, masking=None, target=None, target_mask=None)``: ``masking`` is the `RandomMask` the encoder drew
     (`MMEncoder` with ``mask_ratio``), ``target`` the raw input (pixels: the normalised images ``[B, C, H, W]``;
-    points: ``[B, P, 3 + C]``, grouped as the tokenizer groups them, ``target_mask [B, P]`` its padding).
+    points: ``[B, P, 3 + C]``, grouped as the tokenizer groups them, ``target_mask [B, P]`` its padding; waveform:
+    ``[B, S]`` and its padding; motion: the codec field ``[B, T-1, 2, h, w]`` and the frame mask ``[B, T]``).
     """
 
     def __init__(
@@ -171,6 +172,11 @@ class ReconstructionHead(nn.Module):
             raise ValueError(
                 f"a VQ bottleneck (codebook_size) is for the motion and pixels targets, not {detokenizer!r}"
             )
+        if codebook_size and detokenizer == "pixels" and norm_pix_loss:
+            raise ValueError(
+                "a VQ image tokenizer must predict pixels, not per-patch normalised ones (its images are rendered from "
+                "codes alone, with no true patch statistics): set norm_pix_loss: false"
+            )
         width = decoder_dim if detokenizer == "motion" else in_dim  # what the detokenizer takes
         if codebook_size:  # encoder width -> code_dim -> VQ -> the detokenizer's input width
             self.vq = VectorQuantizer(
@@ -184,14 +190,32 @@ class ReconstructionHead(nn.Module):
         elif detokenizer == "motion":
             self.pre_vq, self.post_vq = nn.Identity(), nn.Linear(in_dim, width)
         self.detokenizer = create_detokenizer(detokenizer, **common, mlp_ratio=mlp_ratio, **kwargs)
+        # parameters no forward of this head uses would stall DDP (no find_unused_parameters): freeze them
+        if codebook_size and detokenizer == "pixels":  # nothing hidden: no mask token
+            self.detokenizer.mask_token.requires_grad_(False)
+        if detokenizer == "points" and not getattr(tokenizer, "num_prefix_tokens", 0):  # no cls: no context position
+            self.detokenizer.context_pos.requires_grad_(False)
+
+    def _check_kept(self, tokens: Tokens, masking: RandomMask | None) -> None:
+        if masking is not None and tokens.num_grid_tokens != masking.num_keep:
+            raise ValueError(
+                f"the encoder kept {masking.num_keep} grid tokens but the head got {tokens.num_grid_tokens}: a stage "
+                "between them (a pooling or Q-Former adapter?) changed the token count; a masked decoder needs the "
+                "kept tokens one for one"
+            )
 
     def quantize(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The grid tokens through the bottleneck: ``(decoder input [B, N, D'], codes [B, N] or None, VQ loss or
         None)``; special tokens are dropped (a code per grid position)."""
         x = self.pre_vq(tokens.grid_tokens())
         codes, vq_loss = None, None
-        if self.vq is not None:
-            x, codes, vq_loss = self.vq(x)
+        if self.vq is not None:  # padded tokens get PAD_INDEX and never touch the codebook
+            mask = (
+                None
+                if tokens.mask is None
+                else tokens.mask[:, tokens.num_prefix : tokens.num_tokens - tokens.num_suffix]
+            )
+            x, codes, vq_loss = self.vq(x, mask)
         return self.post_vq(x), codes, vq_loss
 
     def decode_codes(self, codes: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
@@ -209,10 +233,11 @@ class ReconstructionHead(nn.Module):
         target: torch.Tensor | None = None,
         target_mask: torch.Tensor | None = None,
     ) -> ReconstructionOutput:
+        if self.target_kind == "motion":
+            return self._motion(tokens, masking, target, target_mask)
+        self._check_kept(tokens, masking)
         if self.target_kind == "points":
             return self._points(tokens, masking, target, target_mask)
-        if self.target_kind == "motion":
-            return self._motion(tokens, masking, target)
         if self.target_kind == "waveform":
             return self._waveform(tokens, masking, target, target_mask)
         codes = vq_loss = None
@@ -258,14 +283,18 @@ class ReconstructionHead(nn.Module):
             out.loss = self.detokenizer.loss(pred.float(), out.groups, masked)
         return out
 
-    def _motion(self, tokens: Tokens, masking: RandomMask | None, target: torch.Tensor | None) -> ReconstructionOutput:
+    def _motion(
+        self, tokens: Tokens, masking: RandomMask | None, target: torch.Tensor | None, target_mask: torch.Tensor | None
+    ) -> ReconstructionOutput:
         if masking is not None:
             raise ValueError("detokenizer 'motion' reconstructs every token (no masking): set task.mask_ratio to 0")
         x, codes, vq_loss = self.quantize(tokens)
         pred = self.detokenizer(Tokens(x=x, grid=tokens.grid, modality=tokens.modality))
         out = ReconstructionOutput(pred=pred, codes=codes)
         if target is not None:
-            out.loss = self.detokenizer.loss(pred, target)
+            # the frame mask [B, T] -> the steps [B, T-1] that lead into a real frame
+            steps = None if target_mask is None else target_mask[:, 1:].to(pred.device)
+            out.loss = self.detokenizer.loss(pred, target, steps)
             if vq_loss is not None:
                 out.loss = out.loss + vq_loss
         return out

@@ -43,7 +43,6 @@ from tokenizers_mm.detokenizers import (
     psnr,
     save_audio,
     spectral_convergence,
-    warp_clip,
 )
 from tokenizers_mm.image import unpatchify
 
@@ -123,12 +122,12 @@ class ReconstructionMetrics(Metrics):
 
     def _update_motion(self, output: ReconstructionOutput, batch: Any, n: int) -> None:
         field, pred = batch.extra["motion"].float(), output.pred.float()
-        self._add("epe", endpoint_error(pred, field) * n)
-        self._add("epe_zero", endpoint_error(torch.zeros_like(field), field) * n)
+        steps = None if batch.mask is None else batch.mask[:, 1:]  # steps into real frames
+        self._add("epe", endpoint_error(pred, field, steps) * n)
+        self._add("epe_zero", endpoint_error(torch.zeros_like(field), field, steps) * n)
         frames = self.task.to_pixels(batch.inputs)  # [B, T, C, H, W] in [0, 1]
-        block = self.task.detokenizer.block
-        decoded = warp_clip(frames[:, 0], pred, block).clamp(0, 1)
-        codec = warp_clip(frames[:, 0], field, block).clamp(0, 1)
+        render = self.task.detokenizer.render
+        decoded, codec = render(frames[:, 0], pred).clamp(0, 1), render(frames[:, 0], field).clamp(0, 1)
         still = frames[:, :1].expand_as(frames)
         for name, clip in (("psnr", decoded), ("psnr_codec", codec), ("psnr_still", still)):
             self._add(name, psnr(clip[:, 1:].flatten(1, 2), frames[:, 1:].flatten(1, 2)).sum())
@@ -294,8 +293,8 @@ class ReconstructionTask(Task):
             default, ImageNet's for 3 channels and 0.5 / 0.5 otherwise).
         eval_seed: seed of the evaluation masks (the same masks at every evaluation).
         examples: samples shown in the report.
-        sc_clips: waveform: clips per split rendered to sound by Griffin-Lim for the spectral convergence (it costs
-            two vocoder runs per clip).
+        sc_clips: waveform: clips per split and rank rendered to sound by Griffin-Lim for the spectral convergence
+            (it costs two vocoder runs per clip).
     """
 
     fields = ()
@@ -348,7 +347,7 @@ class ReconstructionTask(Task):
         elif self.target_kind == "motion":
             if "motion" not in kwargs:
                 raise ValueError("detokenizer 'motion' learns codec motion: set data.motion_vectors: true")
-            head_inputs = {"target": kwargs["motion"]}
+            head_inputs = {"target": kwargs["motion"], "target_mask": kwargs.get("mask")}
         return model(
             *args,
             return_aux=aux,

@@ -93,7 +93,11 @@ class WaveformDecoder(PatchDecoder):
         self, waveform: torch.Tensor, lengths: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``waveform [B, S]`` (``lengths`` real samples) -> the tokenizer's input: normalised fbank ``[B, T, F]``
-        padded / cut to ``target_frames``, and the real frames per clip ``[B]``."""
+        padded / cut to ``target_frames``, and the real frames per clip ``[B]`` (in float32, autocast off)."""
+        with torch.autocast(device_type=waveform.device.type, enabled=False):
+            return self._features(waveform, lengths)
+
+    def _features(self, waveform: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.subtract_waveform_mean:
             waveform, lengths = remove_waveform_mean(waveform.float(), lengths)
         feats, frames = fbank_with_lengths(waveform.float(), self.sample_rate, lengths, **self.fbank_kwargs)

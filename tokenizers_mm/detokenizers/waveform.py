@@ -73,6 +73,10 @@ def _kaldi_window_fn(window_length: int, *, window_type: str, blackman_coeff: fl
     return _window(window_type, window_length, blackman_coeff, torch.device("cpu"), torch.float32)
 
 
+def _device_type(x: object) -> str:
+    return x.device.type if isinstance(x, torch.Tensor) else "cpu"
+
+
 class GriffinLimVocoder(nn.Module):
     """A mel or Kaldi-fbank spectrogram ``[B, T, n_mels]`` back to a waveform ``[B, samples]`` with Griffin-Lim.
 
@@ -399,6 +403,10 @@ class GriffinLimVocoder(nn.Module):
 
     def to_linear(self, spec: torch.Tensor) -> torch.Tensor:
         """The linear spectrogram ``[B, n_fft // 2 + 1, T]`` (``|STFT| ** power``) that Griffin-Lim receives."""
+        with torch.autocast(device_type=_device_type(spec), enabled=False):  # least squares in float32
+            return self._to_linear(spec)
+
+    def _to_linear(self, spec: torch.Tensor) -> torch.Tensor:
         mel, unbatched = self._mel_energies(spec)
         linear = self.inverse_mel(mel) if self.kind == "mel" else self._kaldi_to_linear(mel)
         return linear.squeeze(0) if unbatched else linear
@@ -406,7 +414,12 @@ class GriffinLimVocoder(nn.Module):
     def forward(self, spec: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """``spec`` (see ``layout``) -> waveform ``[B, samples]`` (``[samples]`` for a 2-D ``spec``).
 
-        ``length``: trim or zero-pad the end to this many samples (default: see the class doc)."""
+        ``length``: trim or zero-pad the end to this many samples (default: see the class doc). Autocast is switched
+        off inside (the least squares, Griffin-Lim and the IIR de-emphasis need float32)."""
+        with torch.autocast(device_type=_device_type(spec), enabled=False):
+            return self._forward(spec, length)
+
+    def _forward(self, spec: torch.Tensor, length: int | None) -> torch.Tensor:
         if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
             raise ValueError(f"length must be a positive int or None, got {length!r}")
         mel, unbatched = self._mel_energies(spec)
