@@ -92,7 +92,9 @@ def test_every_trainable_parameter_gets_a_gradient(kind):
     torch.manual_seed(0)
     if kind == "vq_pixels":
         tok = ImagePatches(img_size=8, patch_size=2, in_chans=1, embed_dim=16)
-        head = ReconstructionHead(16, "pixels", 16, 1, 2, norm_pix_loss=False, codebook_size=8, code_dim=4, tokenizer=tok)
+        head = ReconstructionHead(
+            16, "pixels", 16, 1, 2, norm_pix_loss=False, codebook_size=8, code_dim=4, tokenizer=tok
+        )
         images = torch.randn(2, 1, 8, 8)
         out = head(tok(images), target=images)
     elif kind == "points_no_cls":

@@ -144,5 +144,5 @@ def test_the_recipe_refuses_to_start_without_a_trained_vq_tokenizer(small_datase
     from mmblocks.config import ConfigError
 
     root = small_datasets("digits")
-    with pytest.raises(ConfigError, match="model.init.checkpoint"):
+    with pytest.raises(ConfigError, match=r"model\.init\.checkpoint"):
         build_trainer(REPO / "configs/generation/digits_text_to_image_smollm2.yaml", short_run(root, tmp_path / "t2i"))

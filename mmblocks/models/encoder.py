@@ -225,6 +225,11 @@ class MMEncoder(nn.Module):
         tokens = self.tokenize(inputs, mask, **extra)
         masking = None
         if mask_ratio is not None:  # MAE: the encoder sees only the visible grid tokens (positions already added)
+            if getattr(self.backbone, "rope_embed", None) is not None:
+                raise ValueError(
+                    "mask_ratio: this backbone places its tokens with rotary positions over the full patch grid, "
+                    "which the kept tokens no longer form; use a backbone with absolute positions (e.g. a timm ViT)"
+                )
             tokens, masking = self._mask_tokens(tokens, mask_ratio, mask_generator)
         if self.backbone is None:
             return tokens, None, masking
