@@ -51,7 +51,7 @@ from ..heads import ReconstructionOutput
 from .base import Metrics, StepOutput, Task, all_reduce_sum_
 from .registry import register_task
 
-__all__ = ["ReconstructionMetrics", "ReconstructionTask"]
+__all__ = ["ReconstructionMetrics", "ReconstructionTask", "to_pixels"]
 
 
 class ReconstructionMetrics(Metrics):
@@ -240,6 +240,20 @@ class ReconstructionMetrics(Metrics):
         return [(f"Reconstructions ({split})", text)]
 
 
+def to_pixels(
+    images: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> torch.Tensor:
+    """Loader-normalised images ``[..., C, H, W]`` -> [0, 1] pixels: ``x * std + mean`` (default: the loader's own
+    default normalisation for C channels), clamped."""
+    c = images.shape[-3]
+    mean, std = (mean, std) if mean is not None else default_mean_std(c)
+    if c != len(mean):
+        raise ValueError(f"mean/std are for {len(mean)} channels, the images have {c}")
+    m = torch.tensor(mean, device=images.device).view(c, 1, 1)
+    s = torch.tensor(std, device=images.device).view(c, 1, 1)
+    return (images.float() * s + m).clamp(0, 1)
+
+
 def _masked_psnr(pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """PSNR per sample ``[B]`` (data range 1) over the pixels where ``where [B, 1, H, W]`` is 1."""
     err = (pred.float() - target.float()).pow(2) * where
@@ -371,13 +385,7 @@ class ReconstructionTask(Task):
     def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images ``[B, C, H, W]`` (or frames ``[B, T, C, H, W]``) -> [0, 1] pixels (the loader's
         normalisation undone)."""
-        c = images.shape[-3]
-        mean, std = (self.mean, self.std) if self.mean is not None else default_mean_std(c)
-        if c != len(mean):
-            raise ValueError(f"task reconstruction has mean/std for {len(mean)} channels, the images have {c}")
-        mean = torch.tensor(mean, device=images.device).view(c, 1, 1)
-        std = torch.tensor(std, device=images.device).view(c, 1, 1)
-        return (images.float() * std + mean).clamp(0, 1)
+        return to_pixels(images, self.mean, self.std)
 
     def pixel_views(
         self, output: ReconstructionOutput, images: torch.Tensor

@@ -32,11 +32,10 @@ from torch import nn
 from tokenizers_mm.image import unpatchify
 from tokenizers_mm.vq import Distance
 
-from ..data.transforms import default_mean_std
 from ..heads import CodeLMHead, register_head
 from ..llm import LM_TUNE_MODES, load_lm, load_tokenizer
 from .base import Metrics, StepOutput, Task, all_reduce_sum_
-from .reconstruction import save_panels
+from .reconstruction import save_panels, to_pixels
 from .registry import register_task
 
 __all__ = ["DIGIT_WORDS", "TextToImageMetrics", "TextToImageTask", "code_lm_head", "digits_judge"]
@@ -108,7 +107,8 @@ def digits_judge(seed: int = 0) -> tuple[Any, float]:
 
 class TextToImageMetrics(Metrics):
     """Teacher-forced loss and the judge's accuracy on real images and their reconstructions, summed per batch; the
-    generated samples of every prompt (drawn once, at the first batch of the evaluation, on rank 0's terms)."""
+    generated samples of every prompt (drawn once, at the first batch of the evaluation; every rank draws the same ones
+    from the same seed)."""
 
     def __init__(self, task: TextToImageTask, device: torch.device):
         self.task = task
@@ -241,10 +241,7 @@ class TextToImageTask(Task):
 
     def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Loader-normalised images ``[B, C, H, W]`` -> [0, 1] (the loader's default normalisation undone)."""
-        mean, std = default_mean_std(images.shape[1])
-        m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-        s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-        return (images.float() * s + m).clamp(0, 1)
+        return to_pixels(images)
 
     def render(self, codes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Codes ``[B, N]`` -> images ``[B, C, H, W]`` in [0, 1]."""
