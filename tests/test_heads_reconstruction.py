@@ -126,12 +126,13 @@ def test_vq_pixels_refuse_normalised_targets_and_masked_heads_check_the_kept_cou
 
 
 def test_evaluation_scores_every_checkpoint_on_the_same_masks():
+    from pathlib import Path
     from types import SimpleNamespace
 
     from mmblocks.builders import build_encoder
     from mmblocks.config import load_config
 
-    cfg = load_config("configs/pretrain/textures_mae_vit_tiny.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/pretrain/textures_mae_vit_tiny.yaml")
     task = ReconstructionTask()
     model = build_encoder(cfg, task=task, verbose=False).eval()
     batch = SimpleNamespace(inputs=torch.randn(3, 3, 32, 32), mask=None, extra={}, model_inputs=None)
