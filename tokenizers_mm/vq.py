@@ -44,7 +44,7 @@ from torch import nn
 
 from .checks import check_input, count_nonfinite
 
-__all__ = ["PAD_INDEX", "DISTANCES", "Distance", "CodebookUsage", "VectorQuantizer"]
+__all__ = ["PAD_INDEX", "DISTANCES", "Distance", "CodebookUsage", "VectorQuantizer", "code_perplexity"]
 
 Distance = Literal["euclidean", "cosine"]
 DISTANCES: tuple[str, ...] = get_args(Distance)
@@ -70,6 +70,12 @@ class CodebookUsage(NamedTuple):
     perplexity: torch.Tensor
     used: torch.Tensor
     dead: torch.Tensor
+
+
+def code_perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """``exp(entropy)`` of a code histogram ``counts [K]`` (0-dim; 1 = one code used, K = all used evenly)."""
+    p = counts / counts.sum().clamp(min=1.0)
+    return torch.exp(-torch.special.xlogy(p, p).sum())
 
 
 def _distributed() -> bool:
@@ -477,12 +483,10 @@ class VectorQuantizer(nn.Module):
             real = real & mask.to(real.device)
         counts = self.cluster_size.new_zeros(self.codebook_size)
         counts.index_add_(0, indices.reshape(-1).clamp(min=0).to(counts.device), real.reshape(-1).to(counts))
-        p = counts / counts.sum().clamp(min=1.0)
-        entropy = -torch.special.xlogy(p, p).sum()
         used = (counts > 0).sum()
         return CodebookUsage(
             usage=used.to(counts.dtype) / self.codebook_size,
-            perplexity=entropy.exp(),
+            perplexity=code_perplexity(counts),
             used=used,
             dead=self.num_dead_codes(dead_threshold),
         )

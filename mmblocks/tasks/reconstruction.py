@@ -45,6 +45,7 @@ from tokenizers_mm.detokenizers import (
     spectral_convergence,
 )
 from tokenizers_mm.image import unpatchify
+from tokenizers_mm.vq import code_perplexity
 
 from ..data.transforms import default_mean_std
 from ..heads import ReconstructionOutput
@@ -181,9 +182,8 @@ class ReconstructionMetrics(Metrics):
             out["spectral_convergence"] = float(self.sc[0] / self.sc[2])
             out["spectral_convergence_vocoder"] = float(self.sc[1] / self.sc[2])
         if self.code_counts.numel():
-            p = self.code_counts / self.code_counts.sum().clamp_min(1.0)
             out["codebook_usage"] = float((self.code_counts > 0).double().mean())
-            out["perplexity"] = float(torch.exp(-torch.special.xlogy(p, p).sum()))
+            out["perplexity"] = float(code_perplexity(self.code_counts))
         return out
 
     def report(self, out_dir: Path, split: str) -> list[tuple[str, str]]:
