@@ -392,7 +392,9 @@ def run_study(spec: StudySpec, *, dry_run: bool = False) -> dict[str, Any]:
     unique: dict[Path, Cell] = {}
     for cell in cells:
         unique.setdefault(cell.run_dir, cell)
-    todo = [c for c in unique.values() if _state(c) != "done"]
+    # Seed-major: every arm of seed 0 before any of seed 1, so a grid stopped early still holds whole pairs.
+    order = sorted(unique.values(), key=lambda c: c.seed)
+    todo = [c for c in order if _state(c) != "done"]
     print(
         f"study: {len(spec.recipes)} recipe(s) x {max(1, math.prod(len(v) for v in spec.sweep.values()))} sweep "
         f"point(s) x {len(spec.arms)} arm(s) x {len(spec.seeds)} seed(s) = {len(cells)} cells, {len(unique)} runs, "
@@ -407,7 +409,7 @@ def run_study(spec: StudySpec, *, dry_run: bool = False) -> dict[str, Any]:
     threads = max(1, (os.cpu_count() or 1) // spec.jobs)
     with ThreadPoolExecutor(max_workers=spec.jobs) as pool:
         done = {
-            c.run_dir: c for c in tqdm(pool.map(lambda c: _run_one(c, threads), unique.values()), total=len(unique))
+            c.run_dir: c for c in tqdm(pool.map(lambda c: _run_one(c, threads), order), total=len(unique))
         }
     for cell in cells:
         cell.status, cell.summary = done[cell.run_dir].status, done[cell.run_dir].summary

@@ -198,6 +198,17 @@ def test_a_real_study_runs_resumes_and_reports(tmp_path, capsys):
     assert "made with another config" in err and "train.lr: was 0.001, now 0.5" in err
 
 
+def test_runs_go_seed_by_seed_so_a_stopped_grid_holds_whole_pairs(tmp_path, capsys):
+    args = ["study", str(RECIPE), *QUICK, "--arms", "baseline,frozen,shuffled", "--seeds", "2"]
+    assert main([*args, "--out", str(tmp_path), "--dry-run"]) == 0
+    order = [
+        (line.split("name=")[1].rsplit("-", 2)[1], line.split("train.seed=")[1].split()[0])
+        for line in capsys.readouterr().out.splitlines()
+    ]
+    assert order == [("baseline", "0"), ("frozen", "0"), ("shuffled", "0"), ("baseline", "1"), ("frozen", "1"),
+                     ("shuffled", "1")]
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_study_files_plan(path, tmp_path):
     spec = read_study(path, out=tmp_path)
