@@ -408,9 +408,7 @@ def run_study(spec: StudySpec, *, dry_run: bool = False) -> dict[str, Any]:
     _make_datasets(todo)  # before the pool: K processes must not all write one missing dataset
     threads = max(1, (os.cpu_count() or 1) // spec.jobs)
     with ThreadPoolExecutor(max_workers=spec.jobs) as pool:
-        done = {
-            c.run_dir: c for c in tqdm(pool.map(lambda c: _run_one(c, threads), order), total=len(unique))
-        }
+        done = {c.run_dir: c for c in tqdm(pool.map(lambda c: _run_one(c, threads), order), total=len(unique))}
     for cell in cells:
         cell.status, cell.summary = done[cell.run_dir].status, done[cell.run_dir].summary
     return write_study_report(spec, cells)

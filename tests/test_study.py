@@ -205,8 +205,14 @@ def test_runs_go_seed_by_seed_so_a_stopped_grid_holds_whole_pairs(tmp_path, caps
         (line.split("name=")[1].rsplit("-", 2)[1], line.split("train.seed=")[1].split()[0])
         for line in capsys.readouterr().out.splitlines()
     ]
-    assert order == [("baseline", "0"), ("frozen", "0"), ("shuffled", "0"), ("baseline", "1"), ("frozen", "1"),
-                     ("shuffled", "1")]
+    assert order == [
+        ("baseline", "0"),
+        ("frozen", "0"),
+        ("shuffled", "0"),
+        ("baseline", "1"),
+        ("frozen", "1"),
+        ("shuffled", "1"),
+    ]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
