@@ -252,7 +252,8 @@ def build_encoder(
     if init["checkpoint"] is not None:
         loaded = load_encoder_weights(encoder, init["checkpoint"], stages=init["stages"])
     if hasattr(head, "codec_state_names"):  # a head over a trained VQ tokenizer (code_lm) must get all of it
-        missing = [n for n in (f"head.{k}" for k in head.codec_state_names()) if n not in set(loaded)]
+        have = set(loaded)
+        missing = [n for n in (f"head.{k}" for k in head.codec_state_names()) if n not in have]
         if missing:
             raise ConfigError(
                 f"model.init.checkpoint: head {type(head).__name__} generates the codes of a trained VQ tokenizer, "

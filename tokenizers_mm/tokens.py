@@ -110,6 +110,10 @@ class Tokens:
         """The non-special tokens ``[B, N - num_prefix - num_suffix, D]`` (row-major over ``grid``)."""
         return self.x[:, self._grid_slice()]
 
+    def grid_mask(self) -> torch.Tensor | None:
+        """The padding mask of the grid tokens ``[B, N - num_prefix - num_suffix]`` (True = real), or None."""
+        return None if self.mask is None else self.mask[:, self._grid_slice()]
+
     def prefix_tokens(self) -> torch.Tensor:
         """The special tokens before the grid, ``[B, num_prefix, D]``."""
         return self.x[:, : self.num_prefix]

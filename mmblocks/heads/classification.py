@@ -30,8 +30,7 @@ def pool_tokens(tokens: Tokens, pool: Pooling) -> torch.Tensor:
         return x[torch.arange(x.shape[0], device=x.device), last]
     if pool == "cls":
         return x[:, 0]
-    grid = tokens.x[:, tokens.num_prefix : tokens.num_tokens - tokens.num_suffix]
-    gmask = mask[:, tokens.num_prefix : tokens.num_tokens - tokens.num_suffix] if mask is not None else None
+    grid, gmask = tokens.grid_tokens(), tokens.grid_mask()
     if pool == "mean":
         if gmask is None:
             return grid.mean(1)

@@ -210,12 +210,7 @@ class ReconstructionHead(nn.Module):
         x = self.pre_vq(tokens.grid_tokens())
         codes, vq_loss = None, None
         if self.vq is not None:  # padded tokens get PAD_INDEX and never touch the codebook
-            mask = (
-                None
-                if tokens.mask is None
-                else tokens.mask[:, tokens.num_prefix : tokens.num_tokens - tokens.num_suffix]
-            )
-            x, codes, vq_loss = self.vq(x, mask)
+            x, codes, vq_loss = self.vq(x, tokens.grid_mask())
         return self.post_vq(x), codes, vq_loss
 
     def decode_codes(self, codes: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
