@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from tokenizers_mm import Tokens, create_detokenizer, list_detokenizers
-from tokenizers_mm.detokenizers import MotionDecoder, endpoint_error, psnr, upsample_field, warp, warp_clip
+from tokenizers_mm.detokenizers import (
+    MotionDecoder,
+    endpoint_error,
+    psnr,
+    step_mask,
+    upsample_field,
+    warp,
+    warp_clip,
+)
 from tokenizers_mm.motion import MotionTokens, block_matching
 
 
@@ -134,6 +142,15 @@ def test_endpoint_error_and_mask():
     assert endpoint_error(a, b).item() == pytest.approx(2.5)
     mask = torch.tensor([[True] * 3, [False] * 3])
     assert endpoint_error(a, b, mask).item() == pytest.approx(5.0)
+
+
+def test_step_mask_marks_the_steps_into_real_frames():
+    # clip 0 has 4 real frames, clip 1 has 2 and 2 of padding: steps 0-2 lead into frames 1-3
+    frames = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    assert step_mask(frames).tolist() == [[True, True, True], [True, False, False]]
+    assert step_mask(None) is None
+    with pytest.raises(ValueError, match=r"frame mask \[B, T\]"):
+        step_mask(torch.ones(4, dtype=torch.bool))
 
 
 def test_registered_and_errors():

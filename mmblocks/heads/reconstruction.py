@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tokenizers_mm import Tokens, create_detokenizer
-from tokenizers_mm.detokenizers import RandomMask
+from tokenizers_mm.detokenizers import RandomMask, step_mask
 from tokenizers_mm.points import group_points
 from tokenizers_mm.vq import Distance, VectorQuantizer
 
@@ -287,8 +287,7 @@ class ReconstructionHead(nn.Module):
         pred = self.detokenizer(Tokens(x=x, grid=tokens.grid, modality=tokens.modality))
         out = ReconstructionOutput(pred=pred, codes=codes)
         if target is not None:
-            # the frame mask [B, T] -> the steps [B, T-1] that lead into a real frame
-            steps = None if target_mask is None else target_mask[:, 1:].to(pred.device)
+            steps = step_mask(None if target_mask is None else target_mask.to(pred.device))
             out.loss = self.detokenizer.loss(pred, target, steps)
             if vq_loss is not None:
                 out.loss = out.loss + vq_loss

@@ -43,6 +43,7 @@ from tokenizers_mm.detokenizers import (
     psnr,
     save_audio,
     spectral_convergence,
+    step_mask,
 )
 from tokenizers_mm.image import unpatchify
 from tokenizers_mm.vq import code_perplexity
@@ -123,7 +124,7 @@ class ReconstructionMetrics(Metrics):
 
     def _update_motion(self, output: ReconstructionOutput, batch: Any, n: int) -> None:
         field, pred = batch.extra["motion"].float(), output.pred.float()
-        steps = None if batch.mask is None else batch.mask[:, 1:]  # steps into real frames
+        steps = step_mask(batch.mask)
         self._add("epe", endpoint_error(pred, field, steps) * n)
         self._add("epe_zero", endpoint_error(torch.zeros_like(field), field, steps) * n)
         frames = self.task.to_pixels(batch.inputs)  # [B, T, C, H, W] in [0, 1]

@@ -106,6 +106,16 @@ def warp_clip(keyframe: torch.Tensor, field: torch.Tensor, block: int, padding: 
     return torch.stack(frames, dim=1)
 
 
+def step_mask(frame_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The frame mask ``[B, T]`` (True = a real frame) -> the step mask ``[B, T-1]`` of the motion fields: step ``t``
+    leads into frame ``t + 1`` and is real when that frame is. ``None`` (no padding) stays ``None``."""
+    if frame_mask is None:
+        return None
+    if frame_mask.dim() != 2:
+        raise ValueError(f"step_mask expects a frame mask [B, T], got {tuple(frame_mask.shape)}")
+    return frame_mask[:, 1:]
+
+
 def endpoint_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean endpoint error ``|pred - target|_2`` over the vectors of two fields ``[B, S, 2, h, w]`` (px); ``mask
     [B, S]`` (True = a real step) restricts the mean to real steps."""
