@@ -32,6 +32,15 @@ def test_grid_prefix_suffix_views():
     assert (t.batch_size, t.num_tokens, t.dim, t.num_grid_tokens) == (2, 18, 8, 16)
 
 
+def test_grid_mask_is_the_grid_tokens_padding():
+    mask = torch.ones(2, 18, dtype=torch.bool)
+    mask[1, 12:] = False  # sample 1: its last 5 grid tokens and the suffix are padding
+    t = _tokens(mask=mask)
+    assert t.grid_mask().shape == (2, 16)
+    assert t.grid_mask()[0].all() and t.grid_mask()[1].tolist() == [True] * 11 + [False] * 5
+    assert _tokens(mask=None).grid_mask() is None
+
+
 def test_with_x_keeps_metadata_and_allows_new_width():
     t = _tokens()
     u = t.with_x(torch.zeros(2, 18, 32))

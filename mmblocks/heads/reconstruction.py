@@ -287,8 +287,7 @@ class ReconstructionHead(nn.Module):
         pred = self.detokenizer(Tokens(x=x, grid=tokens.grid, modality=tokens.modality))
         out = ReconstructionOutput(pred=pred, codes=codes)
         if target is not None:
-            steps = step_mask(None if target_mask is None else target_mask.to(pred.device))
-            out.loss = self.detokenizer.loss(pred, target, steps)
+            out.loss = self.detokenizer.loss(pred, target, step_mask(target_mask))  # the loss moves the mask
             if vq_loss is not None:
                 out.loss = out.loss + vq_loss
         return out

@@ -127,7 +127,7 @@ def endpoint_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor 
     epe = (pred.float() - target.float()).pow(2).sum(2).sqrt()  # [B, S, h, w]
     if mask is None:
         return epe.mean()
-    weight = mask.to(epe.dtype)[:, :, None, None].expand_as(epe)
+    weight = mask.to(epe.device, epe.dtype)[:, :, None, None].expand_as(epe)
     return (epe * weight).sum() / weight.sum().clamp_min(1.0)
 
 
@@ -204,7 +204,7 @@ class MotionDecoder(nn.Module):
         err = ((pred.float() - target.float()) / self.scale).pow(2)
         if mask is None:
             return err.mean()
-        weight = mask.to(err.dtype)[:, :, None, None, None].expand_as(err)
+        weight = mask.to(err.device, err.dtype)[:, :, None, None, None].expand_as(err)
         return (err * weight).sum() / weight.sum().clamp_min(1.0)
 
     def render(self, keyframe: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
